@@ -1,0 +1,138 @@
+"""The config schema shared by every method, variant parsing, validation and resolution.
+
+Config files (configs/<method>.py) start from `base_config(method)`, which is locked: assigning a key that
+does not exist raises at once, so a typo in a config file or a `--config.key=value` override cannot be
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Set
+
+import ml_collections
+
+from ssl_jax import methods
+from ssl_jax.data import augment, datasets
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message is one actionable line."""
+
+
+def base_config(method: str) -> ml_collections.ConfigDict:
+  """Every key any config may set. Values here are CIFAR-10-sized placeholders that files override."""
+  cfg = ml_collections.ConfigDict()
+  cfg.dataset = "cifar10"
+  cfg.data_dir = ""               # a prepared TFDS directory (required; never downloaded implicitly)
+  cfg.batch_size = 256            # global, over all devices and processes
+  cfg.num_epochs = 100.0
+  cfg.total_steps = 0             # 0: num_epochs * train examples // batch_size
+  cfg.seed = 0
+  cfg.log_every_steps = 50
+  cfg.checkpoint_every_steps = 1000
+  cfg.keep_checkpoints = 3
+  cfg.shuffle_buffer = 50_000
+  cfg.cache_dataset = True        # keep the decoded split in memory (small datasets)
+  cfg.normalize_inputs = True     # subtract the dataset mean, divide by its std (SimCLR's code does not)
+  cfg.online_probe = True         # linear classifier on stop-gradient features, trained alongside
+
+  cfg.model = ml_collections.ConfigDict(dict(
+      name="resnet", depth=50, width=64, width_multiplier=1, cifar_stem=False, dtype="float32",
+      bn_momentum=0.9))
+
+  cfg.optimizer = ml_collections.ConfigDict(dict(
+      name="lars", base_learning_rate=0.3, lr_scaling="linear", weight_decay=1e-6, momentum=0.9,
+      trust_coefficient=1e-3, nesterov=False, warmup_epochs=10.0, end_learning_rate=0.0,
+      no_decay_names=()))
+
+  cfg.method = methods.default_config(method)
+  cfg.views = ml_collections.ConfigDict()
+  return cfg
+
+
+def add_view(cfg, name: str, num: int = 1, **settings) -> None:
+  """Adds a view recipe `cfg.views.<name>` used `num` times per image; settings are augment view keys."""
+  unknown = set(settings) - set(augment.VIEW_DEFAULTS)
+  if unknown:
+    raise ConfigError(f"unknown view setting(s) {sorted(unknown)} for view {name!r}")
+  view = dict(augment.VIEW_DEFAULTS)
+  view.update(settings)
+  view["num"] = num
+  with cfg.views.unlocked():
+    cfg.views[name] = ml_collections.ConfigDict(view)
+
+
+def parse_variants(arg, known: Iterable[str], default: str) -> Set[str]:
+  """`"cifar10,tiny"` -> {"cifar10", "tiny"}; raises ConfigError on names not in `known`."""
+  names = {a.strip() for a in (arg or default).split(",") if a.strip()}
+  unknown = names - set(known)
+  if unknown:
+    raise ConfigError(f"unknown config variant(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+  return names
+
+
+def apply_tiny(cfg) -> None:
+  """A <1M-parameter encoder (ResNet-18 at width 16, 0.7M parameters) and small heads, for CPU runs and
+  tests; everything else keeps the recipe it is combined with."""
+  cfg.model.depth = 18
+  cfg.model.width = 16
+  for key in ("proj_hidden_dim", "pred_hidden_dim"):
+    if key in cfg.method:
+      cfg.method[key] = 256
+  if "proj_dim" in cfg.method:
+    cfg.method.proj_dim = min(cfg.method.proj_dim, 64)
+  if "queue_size" in cfg.method:
+    cfg.method.queue_size = 4096
+
+
+def validate(cfg, num_devices: int, num_processes: int = 1) -> None:
+  """Raises ConfigError (one line) for a config that cannot run; cheap, runs before anything compiles."""
+  def fail(msg):
+    raise ConfigError(msg)
+
+  if cfg.dataset not in datasets.DATASETS:
+    fail(f"unknown dataset {cfg.dataset!r}; known: {', '.join(sorted(datasets.DATASETS))}")
+  if not cfg.data_dir:
+    fail("data_dir is not set: pass --config.data_dir=DIR (a prepared TFDS directory)")
+  if cfg.batch_size <= 0:
+    fail(f"batch_size must be positive, got {cfg.batch_size}")
+  if cfg.batch_size % num_devices:
+    fail(f"batch_size={cfg.batch_size} is not divisible by the {num_devices} devices; "
+         f"use a multiple of {num_devices}")
+  if cfg.batch_size % num_processes:
+    fail(f"batch_size={cfg.batch_size} is not divisible by the {num_processes} processes")
+  if cfg.optimizer.base_learning_rate <= 0:
+    fail(f"optimizer.base_learning_rate must be > 0, got {cfg.optimizer.base_learning_rate}")
+  if cfg.optimizer.name not in ("lars", "sgd", "adamw"):
+    fail(f"optimizer.name must be lars, sgd or adamw, got {cfg.optimizer.name!r}")
+  if cfg.optimizer.lr_scaling not in ("linear", "sqrt", "none"):
+    fail(f"optimizer.lr_scaling must be linear, sqrt or none, got {cfg.optimizer.lr_scaling!r}")
+  if "temperature" in cfg.method and cfg.method.temperature <= 0:
+    fail(f"method.temperature must be > 0, got {cfg.method.temperature}")
+  if "queue_size" in cfg.method and cfg.method.queue_size % cfg.batch_size:
+    fail(f"method.queue_size={cfg.method.queue_size} must be a multiple of batch_size={cfg.batch_size}")
+  if cfg.total_steps < 0 or (cfg.total_steps == 0 and cfg.num_epochs <= 0):
+    fail("set total_steps > 0 or num_epochs > 0")
+  if cfg.log_every_steps <= 0 or cfg.checkpoint_every_steps <= 0:
+    fail("log_every_steps and checkpoint_every_steps must be > 0")
+  if cfg.model.dtype not in ("float32", "bfloat16"):
+    fail(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+  if not cfg.views:
+    fail("the config defines no views")
+  for name, view in cfg.views.items():
+    unknown = set(view) - set(augment.VIEW_DEFAULTS) - {"num"}
+    if unknown:
+      fail(f"unknown view setting(s) {sorted(unknown)} in views.{name}")
+
+
+def resolve(cfg, num_train_examples: int) -> ml_collections.ConfigDict:
+  """A copy with total_steps filled in from num_epochs when it is 0."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  if cfg.total_steps == 0:
+    cfg.total_steps = max(1, int(math.floor(cfg.num_epochs * num_train_examples / cfg.batch_size)))
+  return cfg
+
+
+def steps_per_epoch(cfg, num_train_examples: int) -> float:
+  return num_train_examples / cfg.batch_size

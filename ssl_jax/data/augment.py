@@ -1,0 +1,307 @@
+"""Stateless tf.data augmentations for SimCLR, BYOL, MoCo v2 and multi-crop methods.
+
+Every random choice is drawn with `tf.random.stateless_*` ops from an explicit seed (an int32/int64 tensor of
+shape [2]), so the same image with the same seed always gives the same pixels. The input pipeline relies on
+this to resume a run by skipping elements.
+
+A view is described by a plain dict or ml_collections.ConfigDict whose keys are those of VIEW_DEFAULTS. The
+ops run in the order of SimCLR (Chen et al. 2020, Appendix A) and BYOL (Grill et al. 2020, Appendix B):
+    random resized crop -> horizontal flip -> colour jitter (p) -> grayscale (p) -> Gaussian blur (p)
+    -> solarize (p).
+All images after the crop are float32 in [0, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+
+import tensorflow as tf
+
+# Defaults are SimCLR's ImageNet view (Chen et al. 2020, Appendix A) except the blur, which is off so that
+# the defaults also suit CIFAR (SimCLR uses blur_prob 0.5 on ImageNet, 0 on CIFAR-10).
+VIEW_DEFAULTS: Dict[str, Any] = {
+    "crop_size": 224,                   # side of the square output
+    "crop_scale": (0.08, 1.0),          # range of the crop's area as a fraction of the image area
+    "crop_ratio": (3 / 4, 4 / 3),       # range of the crop's aspect ratio (width / height)
+    "flip_prob": 0.5,
+    "color_jitter_prob": 0.8,
+    "brightness": 0.4,
+    "contrast": 0.4,
+    "saturation": 0.4,
+    "hue": 0.1,
+    "color_jitter_strength": None,      # s: if set, (b, c, s, h) = (0.8s, 0.8s, 0.8s, 0.2s), SimCLR App. A
+    "color_jitter_impl": "simclrv2",    # "simclrv2": multiplicative brightness, "simclrv1": additive
+    "grayscale_prob": 0.2,
+    "blur_prob": 0.0,
+    "blur_sigma": (0.1, 2.0),
+    "solarize_prob": 0.0,
+    "solarize_threshold": 0.5,
+}
+
+_JITTER_IMPLS = ("simclrv1", "simclrv2")
+
+# Sub-seeds of one view, one per random decision. Fixed indices keep every draw independent of which ops a
+# view enables, so changing e.g. blur_prob does not change the crops.
+(_SEED_CROP, _SEED_FLIP, _SEED_JITTER_APPLY, _SEED_JITTER, _SEED_GRAY, _SEED_BLUR_APPLY, _SEED_BLUR_SIGMA,
+ _SEED_SOLARIZE, _NUM_SEEDS) = range(9)
+
+
+def _resolve_view(view: Mapping) -> Dict[str, Any]:
+  """VIEW_DEFAULTS overridden by `view`, validated; raises ValueError on unknown keys or bad values."""
+  cfg = dict(VIEW_DEFAULTS)
+  for key in view.keys():
+    if key not in VIEW_DEFAULTS:
+      raise ValueError(f"unknown view key {key!r}; known keys: {', '.join(sorted(VIEW_DEFAULTS))}")
+    cfg[key] = view[key]
+  for key in ("crop_scale", "crop_ratio", "blur_sigma"):
+    lo, hi = (float(x) for x in cfg[key])
+    if not 0 < lo <= hi:
+      raise ValueError(f"view key {key!r} must be a range (lo, hi) with 0 < lo <= hi, got {cfg[key]!r}")
+    cfg[key] = (lo, hi)
+  if cfg["crop_scale"][1] > 1:
+    raise ValueError(f"crop_scale must lie in (0, 1], got {cfg['crop_scale']!r}")
+  if int(cfg["crop_size"]) != cfg["crop_size"] or cfg["crop_size"] <= 0:
+    raise ValueError(f"crop_size must be a positive int, got {cfg['crop_size']!r}")
+  cfg["crop_size"] = int(cfg["crop_size"])
+  for key in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+    if not 0 <= cfg[key] <= 1:
+      raise ValueError(f"view key {key!r} is a probability, got {cfg[key]!r}")
+  if cfg["color_jitter_impl"] not in _JITTER_IMPLS:
+    raise ValueError(f"color_jitter_impl must be one of {_JITTER_IMPLS}, got {cfg['color_jitter_impl']!r}")
+  if cfg["color_jitter_strength"] is not None:
+    s = float(cfg["color_jitter_strength"])
+    cfg.update(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s)
+  for key in ("brightness", "contrast", "saturation", "hue"):
+    if cfg[key] < 0:
+      raise ValueError(f"view key {key!r} is a magnitude >= 0, got {cfg[key]!r}")
+  if cfg["hue"] > 0.5:
+    raise ValueError(f"hue must be <= 0.5 (a half turn of the hue circle), got {cfg['hue']!r}")
+  return cfg
+
+
+def _uniform(seed: tf.Tensor, minval, maxval) -> tf.Tensor:
+  """A float32 scalar ~ U[minval, maxval) drawn statelessly from `seed`."""
+  return tf.random.stateless_uniform([], seed, minval=minval, maxval=maxval, dtype=tf.float32)
+
+
+def _maybe_apply(fn: Callable[[tf.Tensor], tf.Tensor], image: tf.Tensor, prob: float,
+                 seed: tf.Tensor) -> tf.Tensor:
+  """fn(image) with probability `prob` (a Bernoulli draw from `seed`), else image.
+
+  prob 0 and 1 are resolved at trace time so that disabled ops cost nothing; the draw U[0, 1) < prob gives
+  the same decisions, so this does not change any output.
+  """
+  if prob <= 0:
+    return image
+  if prob >= 1:
+    return fn(image)
+  return tf.cond(_uniform(seed, 0.0, 1.0) < prob, lambda: fn(image), lambda: image)
+
+
+def sample_crop_box(image_shape: tf.Tensor, seed: tf.Tensor, crop_scale: Tuple[float, float] = (0.08, 1.0),
+                    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tuple[tf.Tensor, tf.Tensor]:
+  """Samples the box of an Inception-style random resized crop (Szegedy et al. 2015; SimCLR App. A).
+
+  Args:
+    image_shape: int [3] tensor, the (height, width, channels) of the image.
+    seed: int32/int64 [2].
+    crop_scale: range of the box area as a fraction of the image area.
+    crop_ratio: range of the box aspect ratio width / height.
+  Returns:
+    (offset, size): int32 [2] tensors, the box's top-left corner (y, x) and its (height, width).
+  """
+  # min_object_covered=0 makes crop_scale the only constraint on the area. SimCLR's code passes 0.1, which
+  # silently raises the lower end of its (0.08, 1) area range to 0.1. After max_attempts failures the op
+  # returns the whole image (SimCLR's code falls back to a centre crop instead).
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.cast(image_shape, tf.int32), bounding_boxes=tf.zeros([1, 0, 4], tf.float32), seed=seed,
+      min_object_covered=0.0, aspect_ratio_range=crop_ratio, area_range=crop_scale, max_attempts=100,
+      use_image_if_no_bounding_boxes=True)
+  return begin[:2], size[:2]
+
+
+def _crop_and_resize(image: tf.Tensor, offset: tf.Tensor, size: tf.Tensor, crop_size: int) -> tf.Tensor:
+  """uint8 [H, W, 3] -> the box (offset, size) resized bicubically to float32 [crop_size, crop_size, 3] in
+  [0, 1]. A box equal to the image with crop_size equal to its side returns image / 255 exactly."""
+  crop = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([size, [3]], 0))
+  # Cast before resizing: tf.image.resize returns its input unchanged (still uint8) when the static shape
+  # already matches.
+  crop = tf.image.resize(tf.cast(crop, tf.float32), [crop_size, crop_size], method="bicubic")
+  # Bicubic interpolation overshoots near edges.
+  return tf.ensure_shape(tf.clip_by_value(crop / 255.0, 0.0, 1.0), [crop_size, crop_size, 3])
+
+
+def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, crop_size: int,
+                        crop_scale: Tuple[float, float] = (0.08, 1.0),
+                        crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+  """uint8 [H, W, 3] -> float32 [crop_size, crop_size, 3] in [0, 1]: a box from `sample_crop_box`, resized
+  bicubically (as SimCLR's code)."""
+  offset, size = sample_crop_box(tf.shape(image), seed, crop_scale, crop_ratio)
+  return _crop_and_resize(image, offset, size, crop_size)
+
+
+def to_grayscale(image: tf.Tensor) -> tf.Tensor:
+  """float [..., 3] -> its luma (ITU-R 601, tf.image.rgb_to_grayscale) repeated on 3 channels."""
+  return tf.tile(tf.image.rgb_to_grayscale(image), [1] * (image.shape.rank - 1) + [3])
+
+
+def adjust_brightness(image: tf.Tensor, amount: tf.Tensor, impl: str = "simclrv2") -> tf.Tensor:
+  """float [H, W, 3] in [0, 1]; `amount` is a factor (simclrv2: image * amount, like torchvision) or an
+  offset (simclrv1: image + amount, like tf.image.adjust_brightness). Clipped to [0, 1]."""
+  out = image * amount if impl == "simclrv2" else image + amount
+  return tf.clip_by_value(out, 0.0, 1.0)
+
+
+def adjust_contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+  """float [H, W, 3] in [0, 1] -> (image - m) * factor + m, clipped to [0, 1], where m is the mean of the
+  image's grayscale, one scalar per image (as torchvision; tf.image.adjust_contrast uses per-channel
+  means, which also shifts the colours)."""
+  mean = tf.reduce_mean(tf.image.rgb_to_grayscale(image))
+  return tf.clip_by_value((image - mean) * factor + mean, 0.0, 1.0)
+
+
+def color_jitter(image: tf.Tensor, seed: tf.Tensor, brightness: float, contrast: float, saturation: float,
+                 hue: float, impl: str = "simclrv2") -> tf.Tensor:
+  """SimCLR's colour distortion (Chen et al. 2020, Appendix A): brightness, contrast, saturation and hue
+  changes in a random order, each clipped to [0, 1]. A magnitude of 0 disables that change.
+
+  Args:
+    image: float32 [H, W, 3] in [0, 1].
+    seed: int32/int64 [2].
+    brightness: b; factor ~ U[max(0, 1 - b), 1 + b] (simclrv2) or offset ~ U[-b, b] (simclrv1).
+    contrast, saturation: c; factor ~ U[max(0, 1 - c), 1 + c].
+    hue: h <= 0.5; hue rotation ~ U[-h, h] of a full turn.
+    impl: "simclrv2" or "simclrv1", the brightness variant.
+  Returns:
+    float32 [H, W, 3] in [0, 1].
+  """
+  order_seed, b_seed, c_seed, s_seed, h_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+  if impl == "simclrv2":
+    b = _uniform(b_seed, max(0.0, 1.0 - brightness), 1.0 + brightness)
+  else:
+    b = _uniform(b_seed, -brightness, brightness)
+  c = _uniform(c_seed, max(0.0, 1.0 - contrast), 1.0 + contrast)
+  s = _uniform(s_seed, max(0.0, 1.0 - saturation), 1.0 + saturation)
+  h = _uniform(h_seed, -hue, hue)
+
+  ops = []
+  if brightness > 0:
+    ops.append(lambda x: adjust_brightness(x, b, impl))
+  if contrast > 0:
+    ops.append(lambda x: adjust_contrast(x, c))
+  if saturation > 0:
+    ops.append(lambda x: tf.clip_by_value(tf.image.adjust_saturation(x, s), 0.0, 1.0))
+  if hue > 0:
+    ops.append(lambda x: tf.clip_by_value(tf.image.adjust_hue(x, h), 0.0, 1.0))
+  if len(ops) <= 1:
+    return ops[0](image) if ops else image
+  # A uniformly random permutation: the argsort of i.i.d. uniforms.
+  order = tf.argsort(tf.random.stateless_uniform([len(ops)], order_seed))  # int32
+  for i in range(len(ops)):
+    image = tf.switch_case(order[i], [functools.partial(op, image) for op in ops])
+  return image
+
+
+def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
+  """Separable Gaussian blur of float32 [H, W, C] with a (2 * radius + 1)-tap kernel of std `sigma` pixels.
+
+  The image is reflect-padded (like torchvision's GaussianBlur), so a constant image stays constant up to
+  its borders; SimCLR's code zero-pads, which darkens the borders.
+  """
+  x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+  kernel = tf.exp(-0.5 * tf.square(x / tf.cast(sigma, tf.float32)))
+  kernel /= tf.reduce_sum(kernel)
+  channels = image.shape[-1]
+  kernel_v = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])   # [k, 1, C, 1]
+  kernel_h = tf.reshape(kernel_v, [1, -1, channels, 1])                      # [1, k, C, 1]
+  padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+  out = tf.nn.depthwise_conv2d(padded, kernel_v, strides=[1, 1, 1, 1], padding="VALID")
+  out = tf.nn.depthwise_conv2d(out, kernel_h, strides=[1, 1, 1, 1], padding="VALID")
+  return out[0]
+
+
+def solarize(image: tf.Tensor, threshold: float = 0.5) -> tf.Tensor:
+  """float [..., C] in [0, 1]: pixels >= threshold become 1 - x (BYOL, Grill et al. 2020, Appendix B)."""
+  return tf.where(image >= threshold, 1.0 - image, image)
+
+
+def view_transform(view: Mapping, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """One augmented view of an image.
+
+  Args:
+    view: dict or ConfigDict with keys of VIEW_DEFAULTS (missing keys take the defaults).
+    image: uint8 [H, W, 3], any size.
+    seed: int32/int64 [2]; the output is a deterministic function of (view, image, seed).
+  Returns:
+    float32 [crop_size, crop_size, 3] in [0, 1], not mean/std normalized.
+  Raises:
+    ValueError: for an unknown key or an invalid value in `view`.
+  """
+  cfg = _resolve_view(view)
+  image = tf.ensure_shape(tf.convert_to_tensor(image), [None, None, 3])
+  if image.dtype != tf.uint8:
+    raise TypeError(f"view_transform expects a uint8 image, got {image.dtype.name}")
+  seeds = tf.unstack(tf.random.experimental.stateless_split(tf.convert_to_tensor(seed), _NUM_SEEDS))
+  size = cfg["crop_size"]
+
+  out = random_resized_crop(image, seeds[_SEED_CROP], size, cfg["crop_scale"], cfg["crop_ratio"])
+  out = _maybe_apply(tf.image.flip_left_right, out, cfg["flip_prob"], seeds[_SEED_FLIP])
+  jitter = functools.partial(color_jitter, seed=seeds[_SEED_JITTER], brightness=cfg["brightness"],
+                             contrast=cfg["contrast"], saturation=cfg["saturation"], hue=cfg["hue"],
+                             impl=cfg["color_jitter_impl"])
+  out = _maybe_apply(jitter, out, cfg["color_jitter_prob"], seeds[_SEED_JITTER_APPLY])
+  out = _maybe_apply(to_grayscale, out, cfg["grayscale_prob"], seeds[_SEED_GRAY])
+  # Kernel side 10% of the crop side, made odd (SimCLR App. A; BYOL App. B gives 23 px for 224 px crops).
+  sigma = _uniform(seeds[_SEED_BLUR_SIGMA], *cfg["blur_sigma"])
+  blur = functools.partial(gaussian_blur, sigma=sigma, radius=size // 20)
+  out = _maybe_apply(blur, out, cfg["blur_prob"], seeds[_SEED_BLUR_APPLY])
+  out = _maybe_apply(functools.partial(solarize, threshold=cfg["solarize_threshold"]), out,
+                     cfg["solarize_prob"], seeds[_SEED_SOLARIZE])
+  return tf.ensure_shape(out, [size, size, 3])
+
+
+def multi_view_transform(views: Sequence[Mapping], image: tf.Tensor,
+                         seed: tf.Tensor) -> Tuple[tf.Tensor, ...]:
+  """Applies each view to `image`, view i with sub-seed i of stateless_split(seed, len(views)).
+
+  Args:
+    views: view configs, as for view_transform (possibly with different crop sizes, e.g. multi-crop).
+    image: uint8 [H, W, 3].
+    seed: int32/int64 [2].
+  Returns:
+    A tuple with one float32 [crop_size_i, crop_size_i, 3] tensor in [0, 1] per view.
+  """
+  seeds = tf.random.experimental.stateless_split(tf.convert_to_tensor(seed), len(views))
+  return tuple(view_transform(view, image, seeds[i]) for i, view in enumerate(views))
+
+
+def eval_transform(image: tf.Tensor, crop_size: int, crop_proportion: float) -> tf.Tensor:
+  """Deterministic evaluation view: a centred square crop of side floor(crop_proportion * shorter side),
+  resized bicubically to crop_size (SimCLR's code; 0.875 for ImageNet gives the usual 224 / 256).
+
+  Args:
+    image: uint8 [H, W, 3].
+    crop_size: side of the output.
+    crop_proportion: in (0, 1], the crop side relative to the shorter image side.
+  Returns:
+    float32 [crop_size, crop_size, 3] in [0, 1]; image / 255 exactly when crop_proportion is 1 and the image
+    is square with side crop_size.
+  """
+  if not 0 < crop_proportion <= 1:
+    raise ValueError(f"crop_proportion must lie in (0, 1], got {crop_proportion!r}")
+  image = tf.ensure_shape(tf.convert_to_tensor(image), [None, None, 3])
+  if image.dtype != tf.uint8:
+    raise TypeError(f"eval_transform expects a uint8 image, got {image.dtype.name}")
+  hw = tf.shape(image)[:2]
+  side = tf.cast(crop_proportion * tf.cast(tf.reduce_min(hw), tf.float64), tf.int32)
+  # Centre, rounding the offset up when the margin is odd (as SimCLR's center_crop).
+  offset = (hw - side + 1) // 2
+  return _crop_and_resize(image, offset, tf.stack([side, side]), crop_size)
+
+
+def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+  """(image - mean) / std per channel; image float [..., C], mean and std of length C."""
+  mean = tf.constant(mean, image.dtype)
+  std = tf.constant(std, image.dtype)
+  return (image - mean) / std

@@ -1,0 +1,163 @@
+"""tf.data input pipelines over prepared TFDS datasets.
+
+Pre-training stream (`pretrain_batches`), per process:
+  read this process's contiguous shard of the split -> attach each example's global index -> [cache] ->
+  repeat -> shuffle (seeded) -> count elements -> skip the elements already consumed (resume) ->
+  augment every view with stateless ops seeded by (seed, element count) -> batch (drop_remainder) ->
+  prefetch.
+Every random choice is a function of the seed and the element's position in the stream, so a run that
+resumes at step s (skipping s * local_batch elements before any decoding or augmentation) sees exactly
+the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from etils import epath
+
+from ssl_jax.data import augment, datasets
+
+# The input pipeline runs on the host CPU; TF must not claim accelerators that JAX uses.
+tf.config.set_visible_devices([], "GPU")
+
+
+class DataError(ValueError):
+  """Missing or unreadable data; the message names the path and how to prepare it."""
+
+
+def _prepare_command(name: str, data_dir: str) -> str:
+  hint = datasets.DATASETS[name].prepare_hint if name in datasets.DATASETS else None
+  return hint or (f"prepare it with: python -c \"import tensorflow_datasets as tfds; "
+                  f"tfds.builder('{name}', data_dir='{data_dir}').download_and_prepare()\"")
+
+
+def get_builder(dataset: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder of `dataset` under `data_dir`; never downloads. Raises DataError."""
+  info = datasets.get(dataset)
+  if not data_dir:
+    raise DataError("data_dir is not set: pass --config.data_dir=DIR (a prepared TFDS directory)")
+  if not epath.Path(data_dir).exists():
+    raise DataError(f"data_dir {data_dir} does not exist; {_prepare_command(dataset, data_dir)}")
+  try:
+    builder = tfds.builder(info.tfds_name, data_dir=data_dir)
+    prepared = builder.is_prepared()
+  except Exception as e:  # tfds raises many types for unreadable metadata
+    raise DataError(f"cannot read dataset {dataset} in {data_dir}: {type(e).__name__}: {e}".splitlines()[0])
+  if not prepared:
+    raise DataError(f"no prepared {info.tfds_name} in {data_dir}; {_prepare_command(dataset, data_dir)}")
+  return builder
+
+
+def num_examples(builder, split: str) -> int:
+  return sum(builder.info.splits[s].num_examples for s in split.split("+"))
+
+
+def process_shard(builder, split: str, process_index: int, process_count: int):
+  """(split string of this process's examples, global index of its first example, count).
+
+  Each process gets the same number of examples (the remainder is dropped), so every process runs the
+  same number of steps. Splits like "train+unlabelled" are sharded part by part."""
+  parts = []
+  first_index = None
+  total = 0
+  offset = 0
+  for name in split.split("+"):
+    n = builder.info.splits[name].num_examples
+    per = n // process_count
+    start = process_index * per
+    parts.append(f"{name}[{start}:{start + per}]")
+    first_index = offset + start if first_index is None else first_index
+    total += per
+    offset += n
+  return "+".join(parts), first_index, total
+
+
+def _read(builder, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
+  """This process's examples as {"image": uint8 [h, w, 3], "label": int32, "index": int64}."""
+  shard, first_index, _ = process_shard(builder, split, process_index, process_count)
+  ds = builder.as_dataset(split=shard, shuffle_files=False,
+                          read_config=tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False))
+  has_label = "label" in builder.info.features
+  ds = ds.enumerate(start=first_index)
+  return ds.map(lambda i, ex: {"image": ex["image"],
+                               "label": tf.cast(ex["label"], tf.int32) if has_label else tf.constant(-1),
+                               "index": i},
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = max(2, os.cpu_count() or 2)
+  return options
+
+
+def pretrain_batches(
+    cfg, views: Sequence[Dict[str, Any]], local_batch: int, start_step: int = 0,
+    process_index: int = 0, process_count: int = 1) -> Iterator[Dict[str, Any]]:
+  """Yields numpy batches {"views": tuple of float32 [local_batch, s, s, 3], "label": int32 [local_batch],
+  "index": int64 [local_batch]} for steps start_step, start_step + 1, ... of this process."""
+  builder = get_builder(cfg.dataset, cfg.data_dir)
+  info = datasets.get(cfg.dataset)
+  ds = _read(builder, info.pretrain_split, process_index, process_count)
+  if cfg.cache_dataset:
+    ds = ds.cache()
+  ds = ds.repeat()
+  ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed * 1000 + process_index, reshuffle_each_iteration=True)
+  ds = ds.enumerate()
+  ds = ds.skip(start_step * local_batch)
+  mean, std = info.mean, info.std
+  normalize = cfg.normalize_inputs
+  seed, pid, pcount = int(cfg.seed), int(process_index), int(process_count)
+
+  def transform(count, ex):
+    # Stream position -> a seed unique across processes and elements.
+    element_seed = tf.stack([tf.constant(seed, tf.int64), count * pcount + pid])
+    out = augment.multi_view_transform(views, ex["image"], element_seed)
+    if normalize:
+      out = tuple(augment.normalize(v, mean, std) for v in out)
+    return {"views": out, "label": ex["label"], "index": ex["index"]}
+
+  ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(2).with_options(_options())
+  return iter(tfds.as_numpy(ds))
+
+
+def eval_batches(cfg, split: str, local_batch: int, crop_size: int, crop_proportion: float,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+  """One pass over `split` for evaluation, every example exactly once over all processes.
+
+  Each process reads a contiguous share (sizes differ by at most one example); the last batch of each
+  process, and any batch a process needs to match the batch count of the others, is padded, and
+  `mask` marks the real examples. Yields {"image": float32 [b, s, s, 3], "label", "index", "mask" bool}."""
+  builder = get_builder(cfg.dataset, cfg.data_dir)
+  info = datasets.get(cfg.dataset)
+  n = num_examples(builder, split)
+  bounds = [n * p // process_count for p in range(process_count + 1)]
+  start, stop = bounds[process_index], bounds[process_index + 1]
+  most = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+  num_batches = -(-most // local_batch)
+  ds = builder.as_dataset(split=f"{split}[{start}:{stop}]", shuffle_files=False)
+  has_label = "label" in builder.info.features
+  normalize, mean, std = cfg.normalize_inputs, info.mean, info.std
+
+  def prepare(i, ex):
+    image = augment.eval_transform(ex["image"], crop_size, crop_proportion)
+    if normalize:
+      image = augment.normalize(image, mean, std)
+    label = tf.cast(ex["label"], tf.int32) if has_label else tf.constant(-1)
+    return {"image": image, "label": label, "index": i, "mask": tf.constant(True)}
+
+  ds = ds.enumerate(start=start).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  # Pad with masked copies of zeros so every process yields num_batches full batches.
+  pad = num_batches * local_batch - (stop - start)
+  element = {"image": tf.zeros([crop_size, crop_size, 3]), "label": tf.constant(-1),
+             "index": tf.constant(-1, tf.int64), "mask": tf.constant(False)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(element).repeat(pad))
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(2).with_options(_options())
+  return iter(tfds.as_numpy(ds))

@@ -1,0 +1,33 @@
+"""Pre-training entry point.
+
+  python -m ssl_jax.main --config=configs/simclr.py:cifar10 --workdir=DIR [--config.key=value ...]
+
+Re-running with the same workdir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ssl_jax import distributed, train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py:<variant>", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and config.json")
+distributed.define_flags()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    sys.exit("error: --config and --workdir are required")
+  with distributed.user_errors_exit():
+    distributed.initialize_from_flags()
+    train.train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,139 @@
+"""ResNet v1 (He et al. 2016) in Flax linen, as used by SimCLR, BYOL and MoCo.
+
+Batch-norm statistics are computed over `bn_axis_name` when it is set: inside the sharded step the mesh
+axis is "data", so the statistics are global over every device and process (SimCLR section 2.3: "global
+BN"). With `bn_axis_name=None` each device normalizes with its own batch only (MoCo's per-GPU BN).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# He et al. 2015 ("Delving deep into rectifiers"), fan-out normal: the initialization of torchvision's and
+# the official SimCLR/BYOL ResNets.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions (ResNet-18/34)."""
+
+  filters: int
+  strides: int
+  conv: Callable[..., nn.Module]
+  norm: Callable[..., nn.Module]
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3))(y)
+    # Zero-init of the last BN scale in each block (Goyal et al. 2017) is what the SimCLR/BYOL code does.
+    y = self.norm(scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides), name="proj_conv")(residual)
+      residual = self.norm(name="proj_bn")(residual)
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 -> 3x3 -> 1x1 bottleneck (ResNet-50/101/152), stride on the 3x3 convolution (ResNet v1.5 / torchvision)."""
+
+  filters: int
+  strides: int
+  conv: Callable[..., nn.Module]
+  norm: Callable[..., nn.Module]
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters * 4, (1, 1))(y)
+    y = self.norm(scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides), name="proj_conv")(residual)
+      residual = self.norm(name="proj_bn")(residual)
+    return nn.relu(residual + y)
+
+
+STAGES = {
+    18: ((2, 2, 2, 2), BasicBlock),
+    34: ((3, 4, 6, 3), BasicBlock),
+    50: ((3, 4, 6, 3), BottleneckBlock),
+    101: ((3, 4, 23, 3), BottleneckBlock),
+    152: ((3, 8, 36, 3), BottleneckBlock),
+}
+
+
+class ResNet(nn.Module):
+  """ResNet v1 trunk returning globally average-pooled features.
+
+  Attributes:
+    stage_sizes: blocks per stage.
+    block_cls: BasicBlock or BottleneckBlock.
+    width: channels of the first stage (64 in the paper); `width_multiplier` scales every layer (SimCLR's
+      ResNet-50 (2x), (4x)).
+    cifar_stem: 3x3 stride-1 first convolution and no max-pool, for 32x32 inputs (SimCLR appendix B.9).
+    dtype: compute dtype (bfloat16 on TPU); parameters stay float32 and the output is cast to float32.
+    bn_axis_name: mesh axis for cross-device batch statistics, None for per-device statistics.
+    bn_momentum: running-average decay of the BN statistics (0.9 in the SimCLR and BYOL code).
+  """
+
+  stage_sizes: Sequence[int]
+  block_cls: Any
+  width: int = 64
+  width_multiplier: int = 1
+  cifar_stem: bool = False
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    """x: [batch, height, width, 3] -> [batch, features] float32."""
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init, padding="SAME")
+    norm = functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=self.bn_momentum,
+        epsilon=self.bn_epsilon,
+        dtype=self.dtype,
+        axis_name=self.bn_axis_name if train else None,
+    )
+    width = self.width * self.width_multiplier
+    x = x.astype(self.dtype)
+    if self.cifar_stem:
+      x = conv(width, (3, 3), name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_bn")(x))
+    else:
+      x = conv(width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="stem_conv")(x)
+      x = nn.relu(norm(name="stem_bn")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for block in range(num_blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = self.block_cls(width * 2**stage, strides, conv=conv, norm=norm)(x)
+    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+
+
+def create_resnet(depth: int, **kwargs) -> ResNet:
+  """ResNet-`depth` (18, 34, 50, 101, 152); kwargs are ResNet attributes."""
+  if depth not in STAGES:
+    raise ValueError(f"ResNet depth must be one of {sorted(STAGES)}, got {depth}")
+  stage_sizes, block_cls = STAGES[depth]
+  return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, **kwargs)
+
+
+def feature_dim(depth: int, width: int = 64, width_multiplier: int = 1) -> int:
+  """Size of the pooled representation of create_resnet(depth, ...)."""
+  _, block_cls = STAGES[depth]
+  return width * width_multiplier * 8 * block_cls.expansion

@@ -1,0 +1,99 @@
+"""The device mesh, shardings, and every collective the library uses.
+
+The train step is written for one device's slice of the global batch and run under `jax.shard_map` over a
+one-axis mesh ("data") spanning every device of every process. Collectives are therefore explicit, and
+they all live here:
+
+* `all_gather`: gathers a per-device array into the global one. Its transpose is a reduce-scatter, so a
+  loss over gathered negatives sends gradient back to the device that produced them (SimCLR's
+  `tpu_cross_replica_concat` does the same with a one-hot psum).
+* `mean`: cross-device mean of metrics and of per-device batch-norm running statistics.
+* Batch norm itself: layers built with `bn_axis_name=DATA` reduce their moments over this axis, which
+  makes the statistics global over all devices and processes; layers built with None keep per-device
+  statistics (MoCo's shuffle BN).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A one-axis data-parallel mesh over all devices of all processes (Auto axis type).
+
+  `jax.make_mesh` would make an Explicit axis in JAX 0.10, which changes how jit propagates shardings; the
+  plain constructor keeps the Auto behaviour the rest of the code assumes.
+  """
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA))
+
+
+def check_batch_split(global_batch: int, mesh: Mesh | None = None) -> None:
+  """Raises ValueError unless the global batch splits evenly over processes and devices."""
+  num_devices = jax.device_count() if mesh is None else mesh.size
+  if global_batch % num_devices:
+    raise ValueError(
+        f"batch_size={global_batch} is not divisible by the {num_devices} devices; "
+        f"use a multiple of {num_devices}")
+  if global_batch % jax.process_count():
+    raise ValueError(f"batch_size={global_batch} is not divisible by the {jax.process_count()} processes")
+
+
+def local_batch_size(global_batch: int) -> int:
+  """The part of the global batch this process reads."""
+  return global_batch // jax.process_count()
+
+
+def to_global(mesh: Mesh, local_tree: Any) -> Any:
+  """Assembles process-local numpy batches (leading axis = this process's examples) into global arrays
+  sharded over the data axis."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_tree)
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+  """Places a host pytree on every device (identical on every process)."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def all_gather(x: jax.Array) -> jax.Array:
+  """[local, ...] on each device -> [global, ...], ordered by device index along the data axis."""
+  return jax.lax.all_gather(x, DATA, axis=0, tiled=True)
+
+
+def mean(tree: Any) -> Any:
+  """Cross-device mean; used for metrics and per-device BN running statistics."""
+  return jax.lax.pmean(tree, DATA)
+
+
+def device_index() -> jax.Array:
+  return jax.lax.axis_index(DATA)
+
+
+def num_devices() -> int:
+  return jax.lax.axis_size(DATA)
+
+
+def global_std_of_normalized(z: jax.Array) -> jax.Array:
+  """Collapse indicator: mean over dimensions of the per-dimension std of L2-normalized embeddings.
+
+  z: [global_batch, dim]. About 1/sqrt(dim) for well-spread embeddings and 0 under complete collapse
+  (SimSiam, Chen & He 2021, section 4.1).
+  """
+  z = z / jnp.linalg.norm(z, axis=-1, keepdims=True).clip(1e-12)
+  return jnp.mean(jnp.std(z, axis=0))

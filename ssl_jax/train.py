@@ -1,0 +1,213 @@
+"""The generic pre-training loop: one trainer for every method (see ssl_jax/methods/base.py).
+
+Structure of a step (`make_train_step`), jitted over the mesh with the state replicated and the batch
+sharded over the "data" axis:
+  loss_fn(params) = shard_map(per-device method loss + online probe, mean over devices)
+  grads = grad(loss_fn)            # differentiating through shard_map: gathers transpose correctly
+  params, opt_state = optimizer    # replicated math in the global view
+  method_state = method.update_state(...)   # EMA targets, queues
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from ssl_jax import checkpoint as ckpt_lib
+from ssl_jax import config as config_lib
+from ssl_jax import losses, methods, optim, parallel
+from ssl_jax import metrics as metrics_lib
+from ssl_jax.data import datasets, pipeline
+from ssl_jax.state import TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def probe_head(num_classes: int) -> nn.Module:
+  """The online linear probe (SimCLR/BYOL code): a linear classifier on stop-gradient representations."""
+  return nn.Dense(num_classes, name="online_probe")
+
+
+def init_batch(config, views) -> Dict[str, Any]:
+  """A one-example batch with the shapes of the real one, for initialization."""
+  return {"views": tuple(np.zeros((1, v["crop_size"], v["crop_size"], 3), np.float32) for v in views),
+          "label": np.zeros((1,), np.int32), "index": np.zeros((1,), np.int64)}
+
+
+def create_train_state(config, method, schedule: Callable, num_classes: int):
+  """Initial TrainState and the optimizer. Deterministic in config.seed."""
+  rng = jax.random.key(config.seed)
+  rng_init, rng_probe, rng_train = jax.random.split(rng, 3)
+  batch = init_batch(config, method.views())
+  params, batch_stats, method_state = method.init(rng_init, batch)
+  params = dict(params)
+  if config.online_probe:
+    # The probe reads the representation of the first view; its size comes from an abstract forward.
+    feat = jax.eval_shape(method.represent, params, batch_stats, batch["views"][0]).shape[-1]
+    params["online_probe"] = probe_head(num_classes).init(rng_probe, jnp.zeros((1, feat)))["params"]
+  tx = optim.create_optimizer(config, schedule, params)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                     method_state=method_state, opt_state=tx.init(params),
+                     rng=jax.random.key_data(rng_train))
+  return state, tx
+
+
+def make_train_step(config, method, tx, schedule: Callable, mesh, num_classes: int):
+  """step(state, batch) -> (new state, metrics). Not jitted: `jit_train_step` adds the shardings."""
+  probe = probe_head(num_classes) if config.online_probe else None
+
+  def per_device(params, batch_stats, method_state, batch, rng, step):
+    method_params = {k: v for k, v in params.items() if k != "online_probe"}
+    loss, out = method.loss(method_params, batch_stats, method_state, batch, rng, step)
+    metrics = dict(out.metrics, loss=loss)
+    total = loss
+    if probe is not None:
+      logits = probe.apply({"params": params["online_probe"]}, jax.lax.stop_gradient(out.representation))
+      probe_loss = losses.softmax_cross_entropy(logits, batch["label"])
+      metrics["probe_loss"] = probe_loss
+      metrics["probe_accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+      total = total + probe_loss
+    # Mean over devices: every device holds the same number of examples, so this is the global mean.
+    # Per-device BN statistics (MoCo) are averaged too; for global BN they are already identical.
+    return parallel.mean(total), (parallel.mean(out.batch_stats), parallel.mean(metrics),
+                                  parallel.mean(out.state_stats), out.per_example, out.embedding)
+
+  sharded = jax.shard_map(
+      per_device, mesh=mesh,
+      in_specs=(P(), P(), P(), P(parallel.DATA), P(), P()),
+      out_specs=(P(), (P(), P(), P(), P(parallel.DATA), P(parallel.DATA))))
+
+  def step_fn(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+      return sharded(params, state.batch_stats, state.method_state, batch, rng, state.step)
+
+    (loss, (batch_stats, metrics, state_stats, per_example, embedding)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    method_params = {k: v for k, v in params.items() if k != "online_probe"}
+    method_state = method.update_state(state.method_state, method_params, state_stats, per_example,
+                                       state.step)
+    metrics = dict(metrics, total_loss=loss, learning_rate=schedule(state.step),
+                   embedding_std=parallel.global_std_of_normalized(embedding),
+                   grad_norm=optax.global_norm(grads))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              method_state=method_state, opt_state=opt_state)
+    return new_state, metrics
+
+  return step_fn
+
+
+def jit_train_step(step_fn, mesh):
+  return jax.jit(step_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)), donate_argnums=0)
+
+
+def build(config, mesh, num_train_examples: int, num_classes: int):
+  """Resolved config, method, initial state (replicated on the mesh), jitted step and schedule."""
+  config = config_lib.resolve(config, num_train_examples)
+  method = methods.get(config)
+  steps_per_epoch = num_train_examples / config.batch_size
+  schedule = optim.warmup_cosine(optim.peak_learning_rate(config),
+                                 int(round(config.optimizer.warmup_epochs * steps_per_epoch)),
+                                 config.total_steps, config.optimizer.end_learning_rate)
+  state, tx = create_train_state(config, method, schedule, num_classes)
+  state = parallel.replicate(mesh, state)
+  step_fn = jit_train_step(make_train_step(config, method, tx, schedule, mesh, num_classes), mesh)
+  return config, method, state, step_fn, schedule
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag checked between steps, so the loop can save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a notebook kernel thread): no handler
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config, workdir: str) -> Dict[str, Any]:
+  """Pre-trains `config` in `workdir`, resuming from its latest checkpoint. Returns a summary dict."""
+  mesh = parallel.make_mesh()
+  config_lib.validate(config, mesh.size, jax.process_count())
+  builder = pipeline.get_builder(config.dataset, config.data_dir)
+  info = datasets.get(config.dataset)
+  num_train = pipeline.num_examples(builder, info.pretrain_split)
+  if num_train // jax.process_count() < parallel.local_batch_size(config.batch_size):
+    raise config_lib.ConfigError(
+        f"batch_size={config.batch_size} exceeds the {num_train} examples of {config.dataset}")
+  config, method, state, step_fn, schedule = build(config, mesh, num_train, info.num_classes)
+
+  is_main = jax.process_index() == 0
+  manager = ckpt_lib.Manager(workdir, config)
+  state, start_step = manager.restore_latest(state)
+  writer = metrics_lib.Writer(workdir, enabled=is_main, resume_step=start_step)
+  if is_main:
+    ckpt_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+  if start_step:
+    logging.info("resumed from step %d", start_step)
+
+  local_batch = parallel.local_batch_size(config.batch_size)
+  batches = pipeline.pretrain_batches(config, method.views(), local_batch, start_step,
+                                      jax.process_index(), jax.process_count())
+  progress = metrics_lib.Progress(config.total_steps, start_step, config.batch_size)
+  pending = []  # device metrics since the last log: fetched together, so steps are not serialized
+  last_saved = start_step
+  step = start_step
+  with _Preemption() as preemption:
+    while step < config.total_steps:
+      batch = parallel.to_global(mesh, next(batches))
+      state, metrics = step_fn(state, batch)
+      step += 1
+      pending.append(metrics)
+      stop = preemption.requested or step == config.total_steps
+      if step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0 or stop:
+        fetched = jax.device_get(pending)
+        pending = []
+        first_bad = next((step - len(fetched) + 1 + i for i, m in enumerate(fetched)
+                          if not np.isfinite(m["total_loss"])), None)
+        if first_bad is not None:
+          raise NonFiniteLossError(
+              f"loss became {fetched[first_bad - step + len(fetched) - 1]['total_loss']} at step {first_bad}; "
+              f"the last good checkpoint (step {last_saved}) is kept in {workdir}")
+        if step % config.log_every_steps == 0 or stop:
+          writer.write(step, fetched[-1], progress.update(step), config.total_steps)
+        if step % config.checkpoint_every_steps == 0 or stop:
+          manager.save(step, state)
+          last_saved = step
+      if preemption.requested:
+        logging.warning("stopped at step %d after SIGTERM; re-run the same command to resume", step)
+        break
+  manager.wait()
+  writer.close()
+  return {"step": step, "config": config, "state": state, "method": method, "preempted": preemption.requested}
