@@ -43,8 +43,8 @@ def base_config(method: str) -> ml_collections.ConfigDict:
 
   cfg.optimizer = ml_collections.ConfigDict(dict(
       name="lars", base_learning_rate=0.3, lr_scaling="linear", weight_decay=1e-6, momentum=0.9,
-      trust_coefficient=1e-3, nesterov=False, warmup_epochs=10.0, end_learning_rate=0.0,
-      no_decay_names=()))
+      trust_coefficient=1e-3, nesterov=False, b1=0.9, b2=0.999, warmup_epochs=10.0, end_learning_rate=0.0,
+      exclude_bias_and_norm=True, no_decay_names=()))
 
   cfg.method = methods.default_config(method)
   cfg.views = ml_collections.ConfigDict()

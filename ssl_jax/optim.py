@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
@@ -50,20 +49,22 @@ def cosine_increase(base: float, total_steps: int, final: float = 1.0) -> Callab
   return schedule
 
 
-def decay_mask(params: Any, exclude_names=()) -> Any:
+def decay_mask(params: Any, exclude_bias_and_norm: bool = True, exclude_names=()) -> Any:
   """True for parameters that get weight decay and LARS adaptation.
 
-  Biases and batch-norm parameters (every parameter with at most one dimension) are excluded, as in the
-  SimCLR and BYOL code; `exclude_names` adds parameters by name (e.g. a ViT's `pos_embed`)."""
+  With `exclude_bias_and_norm`, biases and normalization parameters (every parameter with at most one
+  dimension) are excluded, as in the SimCLR and BYOL code (MoCo decays everything); `exclude_names` adds
+  parameters by name (e.g. a ViT's `pos_embed`)."""
   flat = traverse_util.flatten_dict(params)
-  mask = {path: (jnp.ndim(p) > 1 and not set(path) & set(exclude_names)) for path, p in flat.items()}
+  mask = {path: (not (exclude_bias_and_norm and jnp.ndim(p) <= 1) and not set(path) & set(exclude_names))
+          for path, p in flat.items()}
   return traverse_util.unflatten_dict(mask)
 
 
 def create_optimizer(config, schedule: Callable, params: Any) -> optax.GradientTransformation:
   """The optimizer named by config.optimizer.name: lars, sgd or adamw."""
   opt = config.optimizer
-  mask = decay_mask(params, tuple(opt.get("no_decay_names", ())))
+  mask = decay_mask(params, opt.exclude_bias_and_norm, tuple(opt.no_decay_names))
   if opt.name == "lars":
     # You et al. 2017, as in SimCLR's LARSOptimizer: weight decay is added to the gradient before the trust
     # ratio eta * |w| / |g + wd w| (1 where either norm is 0), and momentum accumulates lr * ratio * update.
@@ -73,9 +74,8 @@ def create_optimizer(config, schedule: Callable, params: Any) -> optax.GradientT
   if opt.name == "sgd":
     return optax.chain(
         optax.add_decayed_weights(opt.weight_decay, mask),
-        optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.get("nesterov", False)),
+        optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov),
     )
   if opt.name == "adamw":
-    return optax.adamw(schedule, b1=opt.get("b1", 0.9), b2=opt.get("b2", 0.999), weight_decay=opt.weight_decay,
-                       mask=mask)
+    return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=mask)
   raise ValueError(f"optimizer.name must be lars, sgd or adamw, got {opt.name!r}")

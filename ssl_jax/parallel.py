@@ -67,8 +67,10 @@ def to_global(mesh: Mesh, local_tree: Any) -> Any:
 
 
 def replicate(mesh: Mesh, tree: Any) -> Any:
-  """Places a host pytree on every device (identical on every process)."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a pytree on every device (identical on every process). Each leaf gets its own buffer (via
+  a host copy), so leaves that started as the same array (a target network initialized from the online
+  one) can both be donated to the step."""
+  return jax.device_put(jax.tree.map(np.array, tree), replicated(mesh))
 
 
 def all_gather(x: jax.Array) -> jax.Array:

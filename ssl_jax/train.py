@@ -107,7 +107,7 @@ def make_train_step(config, method, tx, schedule: Callable, mesh, num_classes: i
                                        state.step)
     metrics = dict(metrics, total_loss=loss, learning_rate=schedule(state.step),
                    embedding_std=parallel.global_std_of_normalized(embedding),
-                   grad_norm=optax.global_norm(grads))
+                   grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               method_state=method_state, opt_state=opt_state)
     return new_state, metrics

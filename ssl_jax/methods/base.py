@@ -86,10 +86,10 @@ def build_encoder(config, bn_axis_name: Optional[str] = DATA) -> nn.Module:
 
 
 def build_head(config, hidden_dims: Sequence[int], output_dim: int, use_bn: bool, output_bn: bool,
-               bn_axis_name: Optional[str] = DATA) -> models.MLPHead:
+               output_bias: Optional[bool] = None, bn_axis_name: Optional[str] = DATA) -> models.MLPHead:
   return models.MLPHead(hidden_dims=tuple(hidden_dims), output_dim=output_dim, use_bn=use_bn,
-                        output_bn=output_bn, dtype=dtype_of(config), bn_axis_name=bn_axis_name,
-                        bn_momentum=config.model.bn_momentum)
+                        output_bn=output_bn, output_bias=output_bias, dtype=dtype_of(config),
+                        bn_axis_name=bn_axis_name, bn_momentum=config.model.bn_momentum)
 
 
 def init_network(network: Network, rng, x):

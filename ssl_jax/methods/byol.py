@@ -31,8 +31,11 @@ class BYOL(base.Method):
     super().__init__(config)
     m = config.method
     self.encoder = encoder = base.build_encoder(config)
-    projector = base.build_head(config, [m.proj_hidden_dim], m.proj_dim, use_bn=True, output_bn=False)
-    predictor = base.build_head(config, [m.pred_hidden_dim], m.proj_dim, use_bn=True, output_bn=False)
+    # Section 3.3 / the official MLP: Linear -> BN -> ReLU -> Linear without bias, no output BN.
+    projector = base.build_head(config, [m.proj_hidden_dim], m.proj_dim, use_bn=True, output_bn=False,
+                                output_bias=False)
+    predictor = base.build_head(config, [m.pred_hidden_dim], m.proj_dim, use_bn=True, output_bn=False,
+                                output_bias=False)
     self.online = base.Network(encoder=encoder, projector=projector, predictor=predictor)
     self.target = base.Network(encoder=encoder, projector=projector)
     self.ema_schedule = optim.cosine_increase(m.base_ema, config.total_steps)

@@ -17,7 +17,7 @@ class MLPHead(nn.Module):
 
   Layouts used by the methods:
     SimCLR v1: hidden (2048,), out 128, BN; SimCLR v2: hidden (2048, 2048), out 128, BN.
-    BYOL projector and predictor: hidden (4096,), out 256, BN on the hidden layer only.
+    BYOL projector and predictor: hidden (4096,), out 256, BN on the hidden layer only, no output bias.
     MoCo v2: hidden (2048,), out 128, no BN.
   """
 
@@ -25,6 +25,7 @@ class MLPHead(nn.Module):
   output_dim: int
   use_bn: bool = True
   output_bn: bool = False
+  output_bias: Optional[bool] = None  # default: a bias unless BN follows
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
   bn_momentum: float = 0.9
@@ -49,7 +50,8 @@ class MLPHead(nn.Module):
       if self.use_bn:
         x = norm()(x)
       x = nn.relu(x)
-    x = nn.Dense(self.output_dim, use_bias=not self.output_bn, dtype=self.dtype)(x)
+    output_bias = not self.output_bn if self.output_bias is None else self.output_bias
+    x = nn.Dense(self.output_dim, use_bias=output_bias, dtype=self.dtype)(x)
     if self.output_bn:
       x = norm(use_bias=False)(x)
     return x.astype(jnp.float32)

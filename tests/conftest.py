@@ -1,0 +1,21 @@
+"""Test set-up: 8 simulated CPU devices (a TPU slice stand-in) and the data locations."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHARED_TFDS = REPO.parent / "shared" / "data" / "tfds"
+
+
+@pytest.fixture
+def cifar10_dir():
+  """The full shared CIFAR-10 (TFDS); tests that need it skip on a fresh clone without ../shared."""
+  if not (SHARED_TFDS / "cifar10").exists():
+    pytest.skip(f"full CIFAR-10 not found at {SHARED_TFDS} (only present beside the development checkout)")
+  return str(SHARED_TFDS)
