@@ -26,7 +26,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -66,7 +66,8 @@ class Manager:
     return self.restore(step, target), step
 
   def save(self, step: int, state: Any) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
+    # force: the training loop decides when to save; orbax must not skip a step it was asked to save.
+    self._manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(self.config.to_dict())))
 
   def wait(self) -> None:

@@ -7,7 +7,9 @@ silently ignored.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import pathlib
 from typing import Iterable, Set
 
 import ml_collections
@@ -49,6 +51,15 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   cfg.method = methods.default_config(method)
   cfg.views = ml_collections.ConfigDict()
   return cfg
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """Loads "path/to/config.py[:variant]" the way --config does (for tests, notebooks, scripts)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 def add_view(cfg, name: str, num: int = 1, **settings) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 from absl import flags
@@ -30,6 +31,39 @@ def initialize_from_flags() -> None:
                              process_id=_PROCESS_ID.value)
 
 
+def parse_flags_or_exit(argv):
+  """absl flag parsing, with a bad flag, a bad config file or variant, or an override of a key that does
+  not exist reported as one line and exit code 2 (ml_collections raises AttributeError for unknown keys,
+  which absl would show as a traceback)."""
+  overrides = [a.split("=", 1)[0][2:] for a in argv[1:] if a.startswith("--config.")]
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+      if not os.path.isfile(path):
+        _exit_with(f"config file {path} not found (expected configs/<method>.py[:variant])")
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    if isinstance(e, (AttributeError, KeyError)):
+      _exit_with(f"unknown config key {_first_line(e).strip(chr(34))} (overrides given: {', '.join(overrides)})")
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if "Traceback" in str(e):
+      # A config file that raised: report the flag and the exception's own last line.
+      exc_type, _, exc_message = lines[-1].partition(": ")
+      _exit_with(f"{lines[0].rstrip(':')}: {exc_message or exc_type}")
+    _exit_with(_first_line(e))
+
+
+def _first_line(e) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def _exit_with(message: str):
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 @contextlib.contextmanager
 def user_errors_exit():
   """Errors caused by the user's input (config, data, checkpoints, a diverging loss) end the program with
@@ -41,5 +75,4 @@ def user_errors_exit():
   try:
     yield
   except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _exit_with(str(e))

@@ -16,6 +16,7 @@ from ssl_jax import distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py:<variant>", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and config.json")
+_STOP_AT = flags.DEFINE_integer("stop_at_step", None, "save and exit at this step (re-run to continue)")
 distributed.define_flags()
 
 
@@ -26,8 +27,8 @@ def main(argv):
     sys.exit("error: --config and --workdir are required")
   with distributed.user_errors_exit():
     distributed.initialize_from_flags()
-    train.train(_CONFIG.value, _WORKDIR.value)
+    train.train(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=distributed.parse_flags_or_exit)

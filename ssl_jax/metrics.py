@@ -61,7 +61,7 @@ class Writer:
               if line.strip() and json.loads(line)["step"] <= resume_step]
       tmp = self.path.parent / "metrics.jsonl.tmp"
       tmp.write_text("".join(r + "\n" for r in rows))
-      tmp.rename(self.path)
+      tmp.replace(self.path)
     self._tb = metric_writers.SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, Any], progress: Mapping[str, float], total_steps: int):

@@ -134,6 +134,16 @@ def build(config, mesh, num_train_examples: int, num_classes: int):
   return config, method, state, step_fn, schedule
 
 
+def _check_finite(fetched, step: int, last_saved: int, workdir: str) -> None:
+  """Raises NonFiniteLossError naming the first step (of the `fetched` metrics, which end at `step`)
+  whose loss is NaN or infinite."""
+  first = step - len(fetched) + 1
+  for i, m in enumerate(fetched):
+    if not np.isfinite(m["total_loss"]):
+      raise NonFiniteLossError(f"loss became {m['total_loss']} at step {first + i}; the last good checkpoint "
+                               f"(step {last_saved}) is kept in {workdir}")
+
+
 class _Preemption:
   """Turns SIGTERM into a flag checked between steps, so the loop can save and exit cleanly."""
 
@@ -156,8 +166,11 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config, workdir: str) -> Dict[str, Any]:
-  """Pre-trains `config` in `workdir`, resuming from its latest checkpoint. Returns a summary dict."""
+def train(config, workdir: str, stop_at_step: Optional[int] = None) -> Dict[str, Any]:
+  """Pre-trains `config` in `workdir`, resuming from its latest checkpoint. Returns a summary dict.
+
+  stop_at_step: save and return at this step instead of total_steps (for runs in time-limited slots;
+  the schedule still spans total_steps, and re-running continues)."""
   mesh = parallel.make_mesh()
   config_lib.validate(config, mesh.size, jax.process_count())
   builder = pipeline.get_builder(config.dataset, config.data_dir)
@@ -184,30 +197,32 @@ def train(config, workdir: str) -> Dict[str, Any]:
   pending = []  # device metrics since the last log: fetched together, so steps are not serialized
   last_saved = start_step
   step = start_step
-  with _Preemption() as preemption:
-    while step < config.total_steps:
-      batch = parallel.to_global(mesh, next(batches))
-      state, metrics = step_fn(state, batch)
-      step += 1
-      pending.append(metrics)
-      stop = preemption.requested or step == config.total_steps
-      if step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0 or stop:
-        fetched = jax.device_get(pending)
-        pending = []
-        first_bad = next((step - len(fetched) + 1 + i for i, m in enumerate(fetched)
-                          if not np.isfinite(m["total_loss"])), None)
-        if first_bad is not None:
-          raise NonFiniteLossError(
-              f"loss became {fetched[first_bad - step + len(fetched) - 1]['total_loss']} at step {first_bad}; "
-              f"the last good checkpoint (step {last_saved}) is kept in {workdir}")
-        if step % config.log_every_steps == 0 or stop:
-          writer.write(step, fetched[-1], progress.update(step), config.total_steps)
-        if step % config.checkpoint_every_steps == 0 or stop:
-          manager.save(step, state)
-          last_saved = step
-      if preemption.requested:
-        logging.warning("stopped at step %d after SIGTERM; re-run the same command to resume", step)
-        break
-  manager.wait()
-  writer.close()
+  end = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
+  try:
+    with _Preemption() as preemption:
+      while step < end:
+        batch = parallel.to_global(mesh, next(batches))
+        state, metrics = step_fn(state, batch)
+        step += 1
+        pending.append(metrics)
+        # One reading of the flag per step: a signal landing later in this iteration is handled at the
+        # next one, never between the save decision and the break.
+        preempted = preemption.requested
+        stop = preempted or step == end
+        if step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0 or stop:
+          fetched = jax.device_get(pending)
+          pending = []
+          _check_finite(fetched, step, last_saved, workdir)
+          if step % config.log_every_steps == 0 or stop:
+            writer.write(step, fetched[-1], progress.update(step), config.total_steps)
+          if step % config.checkpoint_every_steps == 0 or stop:
+            manager.save(step, state)
+            last_saved = step
+        if preempted:
+          logging.warning("stopped at step %d after SIGTERM; re-run the same command to resume", step)
+          break
+  finally:
+    # Saves already started are good states: let them finish even when the loop raised.
+    manager.wait()
+    writer.close()
   return {"step": step, "config": config, "state": state, "method": method, "preempted": preemption.requested}

@@ -19,3 +19,11 @@ def cifar10_dir():
   if not (SHARED_TFDS / "cifar10").exists():
     pytest.skip(f"full CIFAR-10 not found at {SHARED_TFDS} (only present beside the development checkout)")
   return str(SHARED_TFDS)
+
+
+@pytest.fixture
+def data_dir():
+  """A prepared TFDS directory holding `cifar10`: the full shared copy when present, else the subset
+  embedded in the repository (same format), so end-to-end tests run on a fresh clone."""
+  from ssl_jax.data.datasets import EMBEDDED_DATA_DIR
+  return str(SHARED_TFDS) if (SHARED_TFDS / "cifar10").exists() else EMBEDDED_DATA_DIR

@@ -6,25 +6,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import REPO
 from ssl_jax import config as config_lib
-from ssl_jax import optim, parallel, train
+from ssl_jax import methods, optim, parallel, train
 from ssl_jax.methods import base
-
-import importlib.util
-import pathlib
-
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
-
-def load_config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def small_config(name, batch=16):
-  cfg = load_config(name, "cifar10,tiny")
+  cfg = config_lib.load(f"{REPO}/configs/{name}.py:cifar10,tiny")
   cfg.batch_size = batch
   cfg.total_steps = 10
   cfg.model.width = 8
@@ -46,7 +35,6 @@ def random_batch(cfg, num_views, seed=0):
 
 def run_step(cfg, mesh, batch_np):
   cfg = config_lib.resolve(cfg, 1000)
-  from ssl_jax import methods
   method = methods.get(cfg)
   schedule = optim.warmup_cosine(optim.peak_learning_rate(cfg), 0, cfg.total_steps)
   state, tx = train.create_train_state(cfg, method, schedule, num_classes=10)
@@ -99,7 +87,6 @@ def test_simclr_gathered_negatives_carry_gradient():
 def test_moco_shuffle_bn_matches_per_device_reference():
   cfg = small_config("moco_v2")
   cfg.method.queue_size = 64
-  from ssl_jax import methods
   method = methods.get(cfg)
   batch = random_batch(cfg, 2)
   params, batch_stats, method_state = method.init(jax.random.key(0), {"views": (batch["views"][0][:1],)})

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Optional, Tuple
+
+# A class-balanced CIFAR-10 subset shipped with the library (4,000 train / 1,000 test images; built by
+# scripts/make_cifar10_mini.py): `--config.dataset=cifar10 --config.data_dir=<this>` works offline.
+EMBEDDED_DATA_DIR = str(pathlib.Path(__file__).resolve().parent / "embedded")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_jax.models.conv import conv_class
+
 # He et al. 2015 ("Delving deep into rectifiers"), fan-out normal: the initialization of torchvision's and
 # the official SimCLR/BYOL ResNets.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -85,6 +87,7 @@ class ResNet(nn.Module):
     dtype: compute dtype (bfloat16 on TPU); parameters stay float32 and the output is cast to float32.
     bn_axis_name: mesh axis for cross-device batch statistics, None for per-device statistics.
     bn_momentum: running-average decay of the BN statistics (0.9 in the SimCLR and BYOL code).
+    conv_impl: "xla" (flax.linen.Conv) or "patches" (faster kernel gradients on CPU); see models/conv.py.
   """
 
   stage_sizes: Sequence[int]
@@ -96,11 +99,13 @@ class ResNet(nn.Module):
   bn_axis_name: Optional[str] = None
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     """x: [batch, height, width, 3] -> [batch, features] float32."""
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init, padding="SAME")
+    conv = functools.partial(conv_class(self.conv_impl), use_bias=False, dtype=self.dtype, kernel_init=conv_init,
+                             padding="SAME")
     norm = functools.partial(
         nn.BatchNorm,
         use_running_average=not train,

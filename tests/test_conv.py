@@ -1,0 +1,101 @@
+"""The patch-matmul convolution (ssl_jax/models/conv.py) against flax.linen.Conv: same parameters, same
+forward output, same input and kernel gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssl_jax import models
+from ssl_jax.models import conv as conv_lib
+
+CASES = [  # (kernel, strides, padding, in_channels, out_channels, height, width)
+    ((1, 1), 1, "SAME", 8, 16, 8, 8),
+    ((1, 1), 2, "SAME", 8, 16, 8, 8),
+    ((3, 3), 1, "SAME", 5, 8, 9, 9),
+    ((3, 3), 2, "SAME", 5, 8, 9, 8),
+    ((3, 3), 2, [(1, 1), (1, 1)], 6, 4, 8, 8),
+    ((3, 3), 1, "VALID", 4, 4, 7, 7),
+    ((7, 7), 2, [(3, 3), (3, 3)], 3, 8, 16, 16),   # the ImageNet stem
+    ((7, 7), 1, "SAME", 3, 4, 10, 10),
+    ((3, 3), (2, 1), [(2, 0), (0, 1)], 4, 4, 9, 9),  # asymmetric strides and padding
+]
+
+
+def _random_like(abstract_tree, seed=0):
+  """Standard-normal arrays shaped like `abstract_tree` (cheaper than compiling each initializer)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), abstract_tree)
+
+
+def _shapes(tree):
+  return jax.tree.map(jnp.shape, tree)
+
+
+def _outputs_and_grads(module, params, x, cotangent):
+  """(y, dL/dkernel, dL/dx) for the loss <module(x), cotangent>."""
+  y, vjp = jax.vjp(lambda p, x_: module.apply(p, x_), params, x)
+  dparams, dx = vjp(cotangent)
+  return y, dparams["params"]["kernel"], dx
+
+
+@pytest.mark.parametrize("kernel,strides,padding,cin,cout,h,w", CASES)
+def test_patches_conv_matches_flax_conv(kernel, strides, padding, cin, cout, h, w):
+  settings = dict(features=cout, kernel_size=kernel, strides=strides, padding=padding, use_bias=False,
+                  kernel_init=models.resnet.conv_init)
+  reference, patches = nn.Conv(**settings), conv_lib.Conv(**settings)
+  x = _random_like(jax.ShapeDtypeStruct((3, h, w, cin), jnp.float32), seed=1)
+  params = _random_like(jax.eval_shape(reference.init, jax.random.key(0), x))
+  assert _shapes(jax.eval_shape(patches.init, jax.random.key(0), x)) == _shapes(params)
+  cotangent = _random_like(jax.eval_shape(reference.apply, params, x), seed=2)
+
+  @jax.jit
+  def both():
+    return [_outputs_and_grads(m, params, x, cotangent) for m in (patches, reference)]
+
+  got, want = both()
+  for g, w_ in zip(got, want):
+    scale = np.max(np.abs(w_))
+    np.testing.assert_allclose(g / scale, w_ / scale, atol=1e-5)
+
+
+def test_bias_and_batch_dims_follow_flax_conv():
+  settings = dict(features=4, kernel_size=(3, 3), strides=2)
+  # Two leading batch dimensions, which nn.Conv flattens into one.
+  x = _random_like(jax.ShapeDtypeStruct((2, 3, 8, 8, 5), jnp.float32), seed=1)
+  params = _random_like(jax.eval_shape(nn.Conv(**settings).init, jax.random.key(0), x))
+  loss = lambda module: lambda p: jnp.sum(jnp.sin(module.apply(p, x)))
+  want = jax.jit(jax.grad(loss(nn.Conv(**settings))))(params)
+  got = jax.jit(jax.grad(loss(conv_lib.Conv(**settings))))(params)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet_conv_impls_share_parameters_and_gradients():
+  x = _random_like(jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32), seed=1)
+  nets = {impl: models.ResNet(stage_sizes=(1, 1), block_cls=models.resnet.BasicBlock, width=4, conv_impl=impl)
+          for impl in ("xla", "patches")}
+  abstract = {impl: jax.eval_shape(lambda: net.init(jax.random.key(0), x, train=False)) for impl, net in nets.items()}
+  assert _shapes(abstract["patches"]) == _shapes(abstract["xla"])
+  variables = _random_like(abstract["xla"])
+
+  def grad(net):
+    def loss(params):
+      out, _ = net.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+      return jnp.sum(out ** 2)
+    return jax.grad(loss)(variables["params"])
+
+  got, want = jax.jit(lambda: (grad(nets["patches"]), grad(nets["xla"])))()
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5 * np.max(np.abs(w)) + 1e-6, err_msg=str(path))
+
+
+def test_unknown_conv_impl_and_unsupported_settings_raise():
+  with pytest.raises(ValueError, match="conv_impl"):
+    conv_lib.conv_class("cudnn")
+  x = jax.ShapeDtypeStruct((1, 8, 8, 4), jnp.float32)
+  with pytest.raises(NotImplementedError, match="dilation"):
+    jax.eval_shape(conv_lib.Conv(4, (3, 3), kernel_dilation=2).init, jax.random.key(0), x)
+  with pytest.raises(NotImplementedError, match="feature_group_count"):
+    jax.eval_shape(conv_lib.Conv(4, (3, 3), feature_group_count=2).init, jax.random.key(0), x)

@@ -1,0 +1,131 @@
+"""End-to-end training: each config's tiny variant runs, resume is exact, SIGTERM and NaN are handled."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from ssl_jax import checkpoint as ckpt_lib
+from ssl_jax import config as config_lib
+from ssl_jax import train
+from ssl_jax.data.datasets import EMBEDDED_DATA_DIR
+
+
+def tiny(name, data_dir, **overrides):
+  cfg = config_lib.load(f"{REPO}/configs/{name}.py:cifar10,tiny")
+  cfg.data_dir = data_dir
+  cfg.batch_size = 16
+  cfg.model.width = 8
+  cfg.total_steps = 3
+  cfg.log_every_steps = 1
+  cfg.checkpoint_every_steps = 2
+  cfg.shuffle_buffer = 256
+  if "queue_size" in cfg.method:
+    cfg.method.queue_size = 64
+  for key, value in overrides.items():
+    target = cfg
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return cfg
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol", "moco_v2"])
+def test_config_tiny_variant_runs(name, data_dir, tmp_path):
+  out = train.train(tiny(name, data_dir), str(tmp_path))
+  rows = read_metrics(tmp_path)
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  for key in ("loss", "learning_rate", "images_per_sec", "embedding_std", "probe_accuracy"):
+    assert all(np.isfinite(r[key]) for r in rows), key
+  assert out["step"] == 3
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["method"]["name"] == name and saved["total_steps"] == 3
+  assert ckpt_lib.Manager(str(tmp_path), out["config"]).all_steps() == [2, 3]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  cfg = tiny("simclr", EMBEDDED_DATA_DIR, total_steps=4)
+  whole = train.train(cfg, str(tmp_path / "whole"))
+  first = train.train(cfg, str(tmp_path / "resumed"), stop_at_step=2)
+  assert first["step"] == 2
+  second = train.train(cfg, str(tmp_path / "resumed"))
+  losses_whole = [(r["step"], r["total_loss"]) for r in read_metrics(tmp_path / "whole")]
+  losses_resumed = [(r["step"], r["total_loss"]) for r in read_metrics(tmp_path / "resumed")]
+  assert losses_resumed == losses_whole  # exact: same batches, same keys, same arithmetic
+  for a, b in zip(jax.tree.leaves(jax.device_get(whole["state"])), jax.tree.leaves(jax.device_get(second["state"]))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  cfg = tiny("simclr", EMBEDDED_DATA_DIR, total_steps=5, checkpoint_every_steps=1)
+  cfg.optimizer.update(name="sgd", base_learning_rate=1e30, lr_scaling="none", warmup_epochs=0.0)
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 2\b"):
+    train.train(cfg, str(tmp_path))
+  manager = ckpt_lib.Manager(str(tmp_path), config_lib.resolve(cfg, 4000))
+  assert manager.latest_step() == 1
+
+
+def _main(args):
+  """ssl_jax.main in a subprocess, with the 8 simulated devices of conftest."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.Popen([sys.executable, "-m", "ssl_jax.main", *args], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / "w"
+  proc = _main(["--config=configs/simclr.py:cifar10,tiny", f"--config.data_dir={EMBEDDED_DATA_DIR}",
+                f"--workdir={workdir}", "--config.batch_size=16", "--config.model.width=8",
+                "--config.total_steps=100000", "--config.log_every_steps=1",
+                "--config.checkpoint_every_steps=100000", "--config.shuffle_buffer=256"])
+  deadline = time.time() + 300
+  for line in proc.stdout:  # wait until training is under way
+    if line.startswith("step 2/"):
+      break
+    assert time.time() < deadline
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-2000:]
+  steps = ckpt_lib.Manager(str(workdir), config_lib.resolve(tiny("simclr", EMBEDDED_DATA_DIR), 4000)).all_steps()
+  assert len(steps) == 1 and 2 <= steps[0] < 100000
+  assert read_metrics(workdir)[-1]["step"] == steps[0]
+
+
+BAD_INPUTS = [
+    (["--config.foo=1"], "unknown config key 'foo'"),
+    (["--config.batch_size=12"], "not divisible by the 8 devices"),
+    (["--config.method.temperature=0"], "temperature must be > 0"),
+    (["--config.optimizer.base_learning_rate=-1"], "base_learning_rate must be > 0"),
+    (["--config.dataset=mnist"], "unknown dataset 'mnist'"),
+    (["--config.data_dir=/nonexistent/tfds"], "data_dir /nonexistent/tfds does not exist"),
+    (["--config=configs/moco_v2.py:cifar10,tiny", "--config.method.queue_size=100", "--config.batch_size=64"],
+     "queue_size=100 must be a multiple of batch_size=64"),
+    (["--config=configs/simclr.py:cifar11"], "unknown config variant"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_fails_fast_with_one_line(args, message, tmp_path):
+  workdir = tmp_path / "w"
+  config = [a for a in args if a.startswith("--config=")] or ["--config=configs/simclr.py:cifar10,tiny"]
+  overrides = [a for a in args if not a.startswith("--config=")]
+  proc = _main(config + [f"--config.data_dir={EMBEDDED_DATA_DIR}", f"--workdir={workdir}"] + overrides)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 2
+  errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and message in errors[0], stderr[-2000:]
+  assert "Traceback" not in stderr
+  assert not workdir.exists()  # failed before writing anything
