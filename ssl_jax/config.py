@@ -48,6 +48,11 @@ def base_config(method: str) -> ml_collections.ConfigDict:
       trust_coefficient=1e-3, nesterov=False, b1=0.9, b2=0.999, warmup_epochs=10.0, end_learning_rate=0.0,
       exclude_bias_and_norm=True, no_decay_names=()))
 
+  # Evaluation protocols (ssl_jax.evaluate); kNN as in InstDisc / DINO.
+  cfg.eval = ml_collections.ConfigDict(dict(
+      batch_size=256, knn_k=(10, 20, 100, 200), knn_temperature=0.07, linear_steps=300,
+      linear_val_fraction=0.1, baselines=True))
+
   cfg.method = methods.default_config(method)
   cfg.views = ml_collections.ConfigDict()
   return cfg

@@ -71,8 +71,9 @@ def user_errors_exit():
   from ssl_jax.checkpoint import CheckpointError
   from ssl_jax.config import ConfigError
   from ssl_jax.data.pipeline import DataError
+  from ssl_jax.evaluate.run import EvalError
   from ssl_jax.train import NonFiniteLossError
   try:
     yield
-  except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as e:
+  except (ConfigError, DataError, CheckpointError, NonFiniteLossError, EvalError) as e:
     _exit_with(str(e))

@@ -54,7 +54,8 @@ def create_train_state(config, method, schedule: Callable, num_classes: int):
   rng = jax.random.key(config.seed)
   rng_init, rng_probe, rng_train = jax.random.split(rng, 3)
   batch = init_batch(config, method.views())
-  params, batch_stats, method_state = method.init(rng_init, batch)
+  # jit: one compiled initializer instead of thousands of eager ops (seconds on CPU).
+  params, batch_stats, method_state = jax.jit(method.init)(rng_init, batch)
   params = dict(params)
   if config.online_probe:
     # The probe reads the representation of the first view; its size comes from an abstract forward.

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from ssl_jax import models
+from ssl_jax import models, parallel
 from ssl_jax.models import conv as conv_lib
 
 CASES = [  # (kernel, strides, padding, in_channels, out_channels, height, width)
@@ -89,6 +90,24 @@ def test_resnet_conv_impls_share_parameters_and_gradients():
   got, want = jax.jit(lambda: (grad(nets["patches"]), grad(nets["xla"])))()
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5 * np.max(np.abs(w)) + 1e-6, err_msg=str(path))
+
+
+def test_kernel_gradient_under_shard_map_sums_over_devices():
+  """A replicated kernel on a batch-sharded input, as in the train step: the gradient is the sum over
+  devices, equal to nn.Conv's."""
+  mesh = parallel.make_mesh()
+  settings = dict(features=4, kernel_size=(3, 3), use_bias=False)
+  x = _random_like(jax.ShapeDtypeStruct((2 * mesh.size, 6, 6, 3), jnp.float32), seed=1)
+  params = _random_like(jax.eval_shape(nn.Conv(**settings).init, jax.random.key(0), x))
+
+  def grad(module):
+    def loss(p):
+      per_device = lambda p_, x_: parallel.mean(jnp.sum(jnp.sin(module.apply(p_, x_))))
+      return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(parallel.DATA)), out_specs=P())(p, x)
+    return jax.grad(loss)(params)
+
+  got, want = jax.jit(lambda: (grad(conv_lib.Conv(**settings)), grad(nn.Conv(**settings))))()
+  np.testing.assert_allclose(got["params"]["kernel"], want["params"]["kernel"], rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_conv_impl_and_unsupported_settings_raise():

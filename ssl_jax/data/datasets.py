@@ -22,20 +22,21 @@ class DatasetInfo:
   test_split: str
   num_classes: int
   image_size: int           # natural side of the stored images (crop size of the default views)
+  eval_crop_proportion: float  # evaluation centre crop (SimCLR: 0.875 on ImageNet, whole image on CIFAR)
   mean: Tuple[float, float, float]
   std: Tuple[float, float, float]
   prepare_hint: Optional[str] = None
 
 
 DATASETS = {
-    "cifar10": DatasetInfo("cifar10", "train", "train", "test", 10, 32,
+    "cifar10": DatasetInfo("cifar10", "train", "train", "test", 10, 32, 1.0,
                            (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo("cifar100", "train", "train", "test", 100, 32,
+    "cifar100": DatasetInfo("cifar100", "train", "train", "test", 100, 32, 1.0,
                             (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "stl10": DatasetInfo("stl10", "train+unlabelled", "train", "test", 10, 96,
+    "stl10": DatasetInfo("stl10", "train+unlabelled", "train", "test", 10, 96, 1.0,
                          (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
     "imagenet2012": DatasetInfo(
-        "imagenet2012", "train", "train", "validation", 1000, 224, IMAGENET_MEAN, IMAGENET_STD,
+        "imagenet2012", "train", "train", "validation", 1000, 224, 0.875, IMAGENET_MEAN, IMAGENET_STD,
         prepare_hint="ImageNet needs the manual download: put ILSVRC2012_img_{train,val}.tar in "
                      "DATA_DIR/downloads/manual, then run tfds.builder('imagenet2012', data_dir=DATA_DIR)"
                      ".download_and_prepare()"),

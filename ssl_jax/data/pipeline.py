@@ -43,14 +43,19 @@ def get_builder(dataset: str, data_dir: str) -> tfds.core.DatasetBuilder:
     raise DataError("data_dir is not set: pass --config.data_dir=DIR (a prepared TFDS directory)")
   if not epath.Path(data_dir).exists():
     raise DataError(f"data_dir {data_dir} does not exist; {_prepare_command(dataset, data_dir)}")
-  try:
-    builder = tfds.builder(info.tfds_name, data_dir=data_dir)
-    prepared = builder.is_prepared()
-  except Exception as e:  # tfds raises many types for unreadable metadata
-    raise DataError(f"cannot read dataset {dataset} in {data_dir}: {type(e).__name__}: {e}".splitlines()[0])
-  if not prepared:
+  # The newest prepared version under DATA_DIR/<name>/, read with the features stored on disk (as TFDS
+  # does for a prepared copy), so a copy prepared by another TFDS version or by hand reads as it is.
+  root = epath.Path(data_dir) / info.tfds_name
+  versions = sorted((d for d in root.iterdir() if (d / "dataset_info.json").exists()),
+                    key=lambda d: tuple(int(p) if p.isdigit() else 0 for p in d.name.split("."))) \
+      if root.exists() else []
+  if not versions:
     raise DataError(f"no prepared {info.tfds_name} in {data_dir}; {_prepare_command(dataset, data_dir)}")
-  return builder
+  try:
+    return tfds.builder_from_directory(str(versions[-1]))
+  except Exception as e:  # tfds raises many types for unreadable metadata
+    raise DataError(f"cannot read dataset {dataset} in {versions[-1]}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}")
 
 
 def num_examples(builder, split: str) -> int:

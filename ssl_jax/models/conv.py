@@ -57,6 +57,18 @@ def _kernel_grad(x, g, kernel_shape, strides, padding, precision):
   return jnp.stack(per_offset).reshape(kernel_shape)
 
 
+def _match_varying_axes(x, w):
+  """Under shard_map, casts an operand to varying over the mesh axes the other varies over (a replicated
+  kernel applied to a batch-sharded input). A custom VJP must return cotangents typed like its inputs; the
+  cast's transpose then sums the kernel gradient over those axes, as autodiff of lax.conv does itself."""
+  x_axes, w_axes = (jax.typeof(a).manual_axis_type.varying for a in (x, w))
+  if x_axes - w_axes:
+    w = lax.pcast(w, tuple(sorted(x_axes - w_axes)), to="varying")
+  if w_axes - x_axes:
+    x = lax.pcast(x, tuple(sorted(w_axes - x_axes)), to="varying")
+  return x, w
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _patches_conv(x, w, strides, padding, precision):
   return _xla_conv(x, w, strides, padding, precision)
@@ -94,6 +106,7 @@ def patches_conv_general_dilated(lhs, rhs, window_strides: Sequence[int], paddin
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], strides, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  lhs, rhs = _match_varying_axes(lhs, rhs)
   return _patches_conv(lhs, rhs, strides, padding, precision)
 
 

@@ -1,0 +1,27 @@
+# `make quickstart` and `make test` each create the virtual environment (.venv) when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+
+.PHONY: quickstart test benchmark clean-venv
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	rm -f $(VENV)/.installed-* && touch $@
+
+# Pre-train on the embedded CIFAR-10 subset, then kNN + linear probe against baselines (README command 1).
+quickstart: $(STAMP)
+	$(PY) -m ssl_jax.quickstart --workdir=workdirs/quickstart
+
+# The whole test suite on 8 simulated CPU devices (README command 2; what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/simclr_step.py
+
+clean-venv:
+	rm -rf $(VENV)

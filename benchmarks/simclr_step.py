@@ -1,0 +1,416 @@
+r"""SimCLR train-step speed on this machine: the ssl_jax step beside the same step in plain PyTorch.
+
+ResNet-18 (CIFAR stem) + 2-layer projection head with BN, NT-Xent over both views, LARS, the online
+linear probe; global batch --batch_size of two 32x32 views. Printed per column: train-step images/s
+(median over the timed steps after --warmup), compile seconds, peak host RSS (each column runs in its own
+subprocess, so the peak is that column's alone), XLA's memory analysis of the compiled step, and the
+tf.data input pipeline's images/s on the real CIFAR-10 (skipped with a message when --data_dir is absent).
+Ends with a markdown table for the README.
+
+    python benchmarks/simclr_step.py                                  # width 64, batch 256, both conv impls
+    python benchmarks/simclr_step.py --width 16                       # quick (about a minute)
+    python benchmarks/simclr_step.py --conv_impl xla --breakdown      # + where the step's time goes
+
+Figures, not tests: nothing here is asserted. The torch column needs `pip install torch` (not a
+requirement of the library); without it the column prints a skip line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "tfds"
+RESULT_PREFIX, PROGRESS_PREFIX = "RESULT ", "PROGRESS "
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batch_size", type=int, default=256, help="global batch (images; two views each)")
+  p.add_argument("--width", type=int, default=64, help="ResNet-18 first-stage channels (64 = the paper)")
+  p.add_argument("--steps", type=int, default=3, help="timed steps per column")
+  p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+  p.add_argument("--conv_impl", choices=("xla", "patches", "both"), default="both",
+                 help="ssl_jax model.conv_impl column(s) to run")
+  p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores every column may use")
+  p.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR), help="prepared TFDS dir with cifar10")
+  p.add_argument("--pipeline_batches", type=int, default=20, help="timed input-pipeline batches")
+  p.add_argument("--no_torch", action="store_true", help="skip the PyTorch column")
+  p.add_argument("--breakdown", action="store_true",
+                 help="also time each ResNet-18 convolution's forward, input and kernel gradient")
+  p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one column in this process
+  return p.parse_args(argv)
+
+
+def progress(message: str):
+  """A worker's progress line; the driver relays these and keeps the rest for error reports."""
+  print(PROGRESS_PREFIX + message, flush=True)
+
+
+def peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def timed_steps(run_step, warmup: int, steps: int):
+  """(seconds of the first call, seconds of each timed call); run_step() must block until done."""
+  start = time.perf_counter()
+  run_step()
+  first = time.perf_counter() - start
+  for _ in range(warmup - 1):
+    run_step()
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    run_step()
+    times.append(time.perf_counter() - start)
+    progress(f"step {i + 1}/{steps}: {times[-1]:.2f} s")
+  return first, times
+
+
+def simclr_config(args, conv_impl: str = "xla"):
+  from configs import simclr
+  config = simclr.get_config("cifar10")
+  config.batch_size = args.batch_size
+  config.model.width = args.width
+  config.data_dir = args.data_dir
+  if "conv_impl" in config.model:
+    config.model.conv_impl = conv_impl
+  return config
+
+
+def build_method_with_conv_impl(config, conv_impl: str):
+  """A context manager under which `methods.get(config)` builds a ResNet with `conv_impl`.
+
+  Until the config schema has model.conv_impl (and methods/base.py passes it on), the ResNet attribute is
+  set by wrapping models.create_resnet; with the key present, the config alone selects it."""
+  import contextlib
+  from unittest import mock
+  from ssl_jax import models
+  if "conv_impl" in config.model:
+    return contextlib.nullcontext()
+  return mock.patch.object(models, "create_resnet", functools.partial(models.create_resnet, conv_impl=conv_impl))
+
+
+# ----------------------------------------------------------------------------------------------- ssl_jax
+
+
+def random_batch(batch_size: int, crop: int = 32, seed: int = 0):
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  views = tuple(rng.random((batch_size, crop, crop, 3), dtype=np.float32) for _ in range(2))
+  return {"views": views, "label": rng.integers(0, 10, batch_size).astype(np.int32),
+          "index": np.arange(batch_size, dtype=np.int64)}
+
+
+def jax_column(args, conv_impl: str):
+  import jax
+  from ssl_jax import parallel, train
+  config = simclr_config(args, conv_impl)
+  mesh = parallel.make_mesh()
+  with build_method_with_conv_impl(config, conv_impl):
+    config, method, state, step_fn, _ = train.build(config, mesh, num_train_examples=50_000, num_classes=10)
+  assert method.encoder.conv_impl == conv_impl, (method.encoder.conv_impl, conv_impl)
+  batch = parallel.to_global(mesh, random_batch(args.batch_size))
+
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_peak = getattr(memory, "peak_memory_in_bytes", 0) or (
+      memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+      + memory.temp_size_in_bytes)
+
+  holder = {"state": state}
+
+  def run_step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics)
+
+  first, times = timed_steps(run_step, args.warmup, args.steps)
+  step_s = statistics.median(times)
+  return {"column": f"ssl_jax conv_impl={conv_impl}", "images_per_s": args.batch_size / step_s,
+          "step_s": step_s, "compile_s": compile_s, "first_step_s": first, "peak_rss_mib": peak_rss_mib(),
+          "xla_peak_mib": xla_peak / 2**20, "xla_temp_mib": memory.temp_size_in_bytes / 2**20,
+          "gflop_per_step": cost.get("flops", 0.0) / 1e9 if cost else 0.0, "devices": jax.device_count()}
+
+
+def pipeline_column(args):
+  from ssl_jax import methods
+  from ssl_jax.data import pipeline
+  config = simclr_config(args)
+  views = methods.get(config).views()
+  start = time.perf_counter()
+  batches = pipeline.pretrain_batches(config, views, args.batch_size)
+  next(batches)  # fills the cache and the 50k shuffle buffer: startup, not throughput
+  startup_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(args.pipeline_batches):
+    next(batches)
+  elapsed = time.perf_counter() - start
+  return {"column": "input pipeline", "images_per_s": args.pipeline_batches * args.batch_size / elapsed,
+          "startup_s": startup_s, "peak_rss_mib": peak_rss_mib()}
+
+
+# ------------------------------------------------------------------------------------------------ PyTorch
+
+
+def torch_column(args):
+  """The same step in plain PyTorch (no torchvision): same model shapes, loss, optimizer and probe."""
+  import torch
+  from torch import nn
+  import torch.nn.functional as F
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(0)
+
+  class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+      self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+      self.proj = None
+      if stride != 1 or cin != cout:
+        self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+      y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+      return F.relu(y + (x if self.proj is None else self.proj(x)))
+
+  width = args.width
+  layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+  channels = width
+  for stage in range(4):
+    for block in range(2):
+      layers.append(BasicBlock(channels, width * 2**stage, 2 if stage > 0 and block == 0 else 1))
+      channels = width * 2**stage
+  encoder = nn.Sequential(*layers)
+  projector = nn.Sequential(nn.Linear(channels, 2048, bias=False), nn.BatchNorm1d(2048), nn.ReLU(),
+                            nn.Linear(2048, 256, bias=False), nn.BatchNorm1d(256))
+  probe = nn.Linear(channels, 10)
+  # channels_last (NHWC, as in JAX) measured faster than NCHW for oneDNN's CPU convolutions here.
+  encoder = encoder.to(memory_format=torch.channels_last)
+  params = [p for m in (encoder, projector, probe) for p in m.parameters()]
+  momenta = [torch.zeros_like(p) for p in params]
+
+  @torch.no_grad()
+  def lars_update(lr=0.4 * args.batch_size / 256, weight_decay=1e-5, momentum=0.9, eta=1e-3):
+    # optax.lars as configured in ssl_jax/optim.py: decay and trust ratio on >1-D parameters only.
+    for p, m in zip(params, momenta):
+      g = p.grad
+      if p.ndim > 1:
+        g = g + weight_decay * p
+        w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+        g = g * torch.where((w_norm > 0) & (g_norm > 0), eta * w_norm / g_norm, torch.ones_like(w_norm))
+      m.mul_(momentum).add_(g, alpha=lr)
+      p.sub_(m)
+
+  def nt_xent(z1, z2, temperature=0.2):
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = z1.shape[0]
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(-1e9)
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return 2 * F.cross_entropy(logits, targets)  # ssl_jax reports the sum of the two directions' means
+
+  data = random_batch(args.batch_size)
+  views = torch.from_numpy(data["views"][0].copy()), torch.from_numpy(data["views"][1].copy())
+  x = torch.cat(views).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+  labels = torch.from_numpy(data["label"]).long()
+  n = args.batch_size
+
+  def run_step():
+    for p in params:
+      p.grad = None
+    h = encoder(x).mean(dim=(2, 3))
+    z = projector(h)
+    loss = nt_xent(z[:n], z[n:]) + F.cross_entropy(probe(h[:n].detach()), labels)
+    loss.backward()
+    lars_update()
+
+  first, times = timed_steps(run_step, args.warmup, args.steps)
+  step_s = statistics.median(times)
+  return {"column": f"PyTorch {torch.__version__} (eager)", "images_per_s": n / step_s, "step_s": step_s,
+          "first_step_s": first, "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
+
+
+# -------------------------------------------------------------------------------------------- breakdown
+
+
+def resnet18_convs(width: int, cifar_stem: bool = True):
+  """(input HW, in channels, out channels, kernel, stride, count) of every convolution in ResNet-18."""
+  convs = [(32, 3, width, 3, 1, 1)] if cifar_stem else [(224, 3, width, 7, 2, 1)]
+  hw, cin = 32, width
+  for stage in range(4):
+    cout = width * 2**stage
+    stride = 2 if stage > 0 else 1
+    convs.append((hw, cin, cout, 3, stride, 1))           # first block, first conv
+    if stride != 1 or cin != cout:
+      convs.append((hw, cin, cout, 1, stride, 1))         # projection shortcut
+    hw //= stride
+    convs.append((hw, cout, cout, 3, 1, 3))               # first block's second conv + second block
+    cin = cout
+  return convs
+
+
+def breakdown_column(args):
+  """Times each ResNet-18 convolution shape's forward, input gradient and kernel gradient (XLA's and the
+  patch-matmul one) on the step's activations (2 x batch images), scaled by how often it occurs."""
+  import jax
+  import numpy as np
+  from jax import lax
+  from ssl_jax.models import conv as conv_lib
+  n = 2 * args.batch_size
+  dn = ("NHWC", "HWIO", "NHWC")
+  totals, rows = {}, []
+  for hw, cin, cout, k, stride, count in resnet18_convs(args.width):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, hw, hw, cin), dtype=np.float32)
+    w = rng.standard_normal((k, k, cin, cout), dtype=np.float32)
+    pads = lax.padtype_to_pads((hw, hw), (k, k), (stride, stride), "SAME")
+    conv = functools.partial(lax.conv_general_dilated, window_strides=(stride, stride), padding=pads,
+                             dimension_numbers=dn)
+    patches = functools.partial(conv_lib.patches_conv_general_dilated, window_strides=(stride, stride),
+                                padding=pads, dimension_numbers=dn)
+    g = rng.standard_normal(jax.eval_shape(conv, x, w).shape, dtype=np.float32)
+    parts = {  # arguments, not closed-over constants: XLA would constant-fold the whole computation
+        "forward": lambda x, w, g: conv(x, w),
+        "input grad": lambda x, w, g: jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0],
+        "kernel grad (xla)": lambda x, w, g: jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0],
+        "kernel grad (patches)": lambda x, w, g: jax.vjp(lambda w_: patches(x, w_), w)[1](g)[0],
+    }
+    x, w, g = jax.device_put((x, w, g))
+    row = {}
+    for name, fn in parts.items():
+      fn = jax.jit(fn)
+      fn(x, w, g).block_until_ready()
+      best = float("inf")
+      for _ in range(2):
+        start = time.perf_counter()
+        fn(x, w, g).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+      row[name] = best * count
+      totals[name] = totals.get(name, 0.0) + best * count
+    label = f"{k}x{k}/{stride} {hw}x{hw}x{cin}->{cout}" + (f" (x{count})" if count > 1 else "")
+    rows.append((label, row))
+    progress(f"{label}: " + ", ".join(f"{k_} {v:.2f} s" for k_, v in row.items()))
+  return {"column": "breakdown", "rows": rows, "totals": totals}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def run_worker(args):
+  kind, _, arg = args.worker.partition(":")
+  result = {"jax": lambda: jax_column(args, arg), "torch": lambda: torch_column(args),
+            "pipeline": lambda: pipeline_column(args), "breakdown": lambda: breakdown_column(args)}[kind]()
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def spawn(argv, worker: str):
+  """Runs one column in a fresh process (its own peak RSS, no thread pools shared with other columns),
+  relaying its progress lines; returns its result dict, or None with the reason printed."""
+  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *argv, "--worker", worker]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  result, tail = None, []
+  for line in proc.stdout:
+    if line.startswith(RESULT_PREFIX):
+      result = json.loads(line[len(RESULT_PREFIX):])
+    elif line.startswith(PROGRESS_PREFIX):
+      print("  " + line[len(PROGRESS_PREFIX):], end="", flush=True)
+    else:
+      tail = (tail + [line.rstrip()])[-15:]
+  if proc.wait() != 0 or result is None:
+    print(f"  {worker} failed (exit {proc.returncode}):\n    " + "\n    ".join(tail))
+  return result
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  args = parse_args(argv)
+  # Restricting the process's CPUs sizes every thread pool (XLA's, tf.data's, torch's) to --threads.
+  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if args.worker:
+    return run_worker(args)
+
+  print(f"SimCLR ResNet-18 (CIFAR stem, width {args.width}), global batch {args.batch_size} x 2 views of "
+        f"32x32, {args.steps} timed steps after {args.warmup} warm-up, {args.threads} threads, "
+        f"{os.cpu_count()} CPUs on this machine", flush=True)
+  results = []
+  impls = ("xla", "patches") if args.conv_impl == "both" else (args.conv_impl,)
+  for impl in impls:
+    print(f"ssl_jax, conv_impl={impl}:", flush=True)
+    r = spawn(argv, f"jax:{impl}")
+    if r:
+      results.append(r)
+      print(f"  {r['images_per_s']:.1f} images/s (median step {r['step_s']:.2f} s); compile {r['compile_s']:.1f} s; "
+            f"peak RSS {r['peak_rss_mib']:.0f} MiB; XLA memory analysis {r['xla_peak_mib']:.0f} MiB "
+            f"(temp {r['xla_temp_mib']:.0f} MiB); {r['gflop_per_step']:.0f} GFLOP/step (XLA cost analysis), "
+            f"{r['gflop_per_step'] / r['step_s']:.1f} GFLOP/s", flush=True)
+
+  try:
+    import torch  # noqa: F401
+    has_torch = True
+  except ImportError:
+    has_torch = False
+  print("PyTorch:", flush=True)
+  if args.no_torch:
+    print("  skipped (--no_torch)")
+  elif not has_torch:
+    print("  skipped: torch is not importable (pip install torch to add this column)")
+  else:
+    r = spawn(argv, "torch")
+    if r:
+      results.append(r)
+      print(f"  {r['images_per_s']:.1f} images/s (median step {r['step_s']:.2f} s); first step "
+            f"{r['first_step_s']:.1f} s; peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+
+  print("input pipeline (pretrain_batches on CIFAR-10 alone):", flush=True)
+  pipeline_result = None
+  if not (pathlib.Path(args.data_dir) / "cifar10").exists():
+    print(f"  skipped: no prepared cifar10 under {args.data_dir} (pass --data_dir)")
+  else:
+    pipeline_result = spawn(argv, "pipeline")
+    if pipeline_result:
+      print(f"  {pipeline_result['images_per_s']:.0f} images/s (2 views each) after "
+            f"{pipeline_result['startup_s']:.1f} s start-up; peak RSS {pipeline_result['peak_rss_mib']:.0f} MiB")
+
+  if args.breakdown:
+    print(f"where the convolutions' time goes (each ResNet-18 conv, batch {2 * args.batch_size}):", flush=True)
+    b = spawn(argv, "breakdown")
+    if b:
+      t = b["totals"]
+      for name, seconds in t.items():
+        print(f"  total {name}: {seconds:.2f} s")
+      xla = t["forward"] + t["input grad"] + t["kernel grad (xla)"]
+      patched = t["forward"] + t["input grad"] + t["kernel grad (patches)"]
+      print(f"  all convolutions, fwd + bwd: {xla:.1f} s with XLA's kernel gradient "
+            f"({100 * t['kernel grad (xla)'] / xla:.0f}% of it the kernel gradient), {patched:.1f} s with patches")
+
+  print("\n| column | images/s | step (s) | compile (s) | peak RSS (MiB) | XLA memory (MiB) |")
+  print("|---|---|---|---|---|---|")
+  for r in results:
+    compile_s = f"{r['compile_s']:.0f}" if "compile_s" in r else "- (eager)"
+    xla_mib = f"{r['xla_peak_mib']:.0f}" if "xla_peak_mib" in r else "-"
+    print(f"| {r['column']} | {r['images_per_s']:.1f} | {r['step_s']:.1f} | {compile_s} | "
+          f"{r['peak_rss_mib']:.0f} | {xla_mib} |")
+  if pipeline_result:
+    print(f"| input pipeline (tf.data, 2 views) | {pipeline_result['images_per_s']:.0f} | - | - | "
+          f"{pipeline_result['peak_rss_mib']:.0f} | - |")
+  print(f"\nResNet-18 width {args.width}, global batch {args.batch_size}, 32x32, {args.threads} CPU threads; "
+        f"median of {args.steps} steps after {args.warmup} warm-up.")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,4 @@
+"""Evaluation protocols: kNN, linear probe on cached features, with random-init and raw-pixel baselines.
+
+Run as `python -m ssl_jax.evaluate --workdir=DIR --protocol=knn|linear`.
+"""

@@ -1,0 +1,45 @@
+"""Representations of a whole split, each example exactly once on any number of devices and processes."""
+
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from ssl_jax import parallel
+from ssl_jax.data import datasets, pipeline
+
+
+def extract(cfg, represent: Callable, split: str, mesh, batch_size: int = 256) -> Tuple[np.ndarray, np.ndarray]:
+  """(features [n, d] float32, labels [n] int32) for every example of `split`, in split order.
+
+  represent: x [b, h, w, 3] -> [b, d] (jitted by the caller, so repeated calls do not recompile), applied
+  to global batches sharded over the mesh. Batches are padded (pipeline.eval_batches) and padding is
+  dropped with the mask after the gather, so the result does not depend on the number of devices or
+  processes.
+  """
+  info = datasets.get(cfg.dataset)
+  num_devices = mesh.size
+  batch_size = max(num_devices, batch_size // num_devices * num_devices)
+  local = batch_size // jax.process_count()
+  feats, labels, index, mask = [], [], [], []
+  for batch in pipeline.eval_batches(cfg, split, local, info.image_size, info.eval_crop_proportion,
+                                     jax.process_index(), jax.process_count()):
+    out = represent(parallel.to_global(mesh, batch["image"]))
+    rest = parallel.to_global(mesh, {k: batch[k] for k in ("label", "index", "mask")})
+    out, rest = multihost_utils.process_allgather((out, rest), tiled=True)
+    feats.append(np.asarray(out, np.float32))
+    labels.append(rest["label"])
+    index.append(rest["index"])
+    mask.append(rest["mask"])
+  mask = np.concatenate(mask)
+  order = np.argsort(np.concatenate(index)[mask], kind="stable")
+  return np.concatenate(feats)[mask][order], np.concatenate(labels)[mask][order].astype(np.int32)
+
+
+@jax.jit
+def raw_pixels(x):
+  """The raw-pixel baseline's "representation": the flattened (normalized) image."""
+  return x.reshape(x.shape[0], -1)

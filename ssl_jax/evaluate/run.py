@@ -1,0 +1,167 @@
+"""Evaluation of a workdir's checkpoint: feature extraction, protocols, baselines, and the result files.
+
+Writes DIR/eval/<protocol>_<step>.json (every setting and metric) and appends rows to DIR/eval/results.md.
+Every check on the input (workdir, config.json, checkpoint, protocol, labels) runs before anything is
+computed or written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from ssl_jax import checkpoint as ckpt_lib
+from ssl_jax import config as config_lib
+from ssl_jax import parallel, train
+from ssl_jax.data import datasets, pipeline
+from ssl_jax.evaluate import features as features_lib
+from ssl_jax.evaluate import knn as knn_lib
+from ssl_jax.evaluate import linear as linear_lib
+
+PROTOCOLS = ("knn", "linear")
+
+
+class EvalError(ValueError):
+  """Bad evaluation input; the message is one actionable line."""
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a training run saved in DIR/config.json."""
+  path = epath.Path(workdir)
+  if not path.exists():
+    raise EvalError(f"workdir {workdir} does not exist")
+  config_path = path / "config.json"
+  if not config_path.exists():
+    raise EvalError(f"{config_path} not found: {workdir} is not a training workdir (run ssl_jax.main first)")
+  try:
+    return ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  except json.JSONDecodeError as e:
+    raise EvalError(f"{config_path} is not valid JSON: {e}")
+
+
+class Encoder:
+  """A method's encoder restored from a workdir (or freshly initialized, for the random baseline)."""
+
+  def __init__(self, cfg, mesh):
+    from ssl_jax import methods, optim
+    self.cfg = cfg
+    self.mesh = mesh
+    self.info = datasets.get(cfg.dataset)
+    self.method = methods.get(cfg)
+    schedule = optim.warmup_cosine(1.0, 0, cfg.total_steps)
+    state, _ = train.create_train_state(cfg, self.method, schedule, self.info.num_classes)
+    self.initial_state = parallel.replicate(mesh, state)
+    self._represent = jax.jit(self.method.represent, out_shardings=parallel.batch_sharded(mesh))
+
+  def restore(self, workdir: str, step: int):
+    """The state saved at `step` (see find_checkpoint); raises EvalError if it cannot be read."""
+    try:
+      return ckpt_lib.Manager(workdir, self.cfg, create=False).restore(step, self.initial_state)
+    except ckpt_lib.CheckpointError as e:
+      raise EvalError(str(e))
+
+  def features(self, state, split: str):
+    represent = lambda x: self._represent(state.params, state.batch_stats, x)
+    return features_lib.extract(self.cfg, represent, split, self.mesh, self.cfg.eval.batch_size)
+
+  def pixel_features(self, split: str):
+    return features_lib.extract(self.cfg, features_lib.raw_pixels, split, self.mesh, self.cfg.eval.batch_size)
+
+
+def find_checkpoint(workdir: str, cfg, checkpoint: str = "latest") -> int:
+  """The step of checkpoint "latest" or of a step number; raises EvalError if there is none."""
+  steps = ckpt_lib.Manager(workdir, cfg, create=False).all_steps() \
+      if ckpt_lib.checkpoint_dir(workdir).exists() else []
+  if not steps:
+    raise EvalError(f"no checkpoints in {ckpt_lib.checkpoint_dir(workdir)}")
+  if checkpoint == "latest":
+    return max(steps)
+  try:
+    step = int(checkpoint)
+  except ValueError:
+    raise EvalError(f"--checkpoint must be 'latest' or a step number, got {checkpoint!r}")
+  if step not in steps:
+    raise EvalError(f"no checkpoint at step {step} in {ckpt_lib.checkpoint_dir(workdir)}; "
+                    f"available: {sorted(steps)}")
+  return step
+
+
+def run_protocol(protocol: str, cfg, train_data, test_data) -> Dict[str, Any]:
+  num_classes = datasets.get(cfg.dataset).num_classes
+  (train_x, train_y), (test_x, test_y) = train_data, test_data
+  if protocol == "knn":
+    return knn_lib.knn_accuracy(train_x, train_y, test_x, test_y, tuple(cfg.eval.knn_k), num_classes,
+                                cfg.eval.knn_temperature)
+  return linear_lib.linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=cfg.seed,
+                                 steps=cfg.eval.linear_steps)
+
+
+def headline(protocol: str, metrics: Dict[str, Any]) -> float:
+  """The one number a results table shows: kNN top-1 at k=20 (DINO's default) or linear top-1."""
+  if protocol == "knn":
+    return metrics.get("knn_top1_k20", next(iter(metrics.values())))
+  return metrics["linear_top1"]
+
+
+def check_inputs(workdir: str, protocol: str, cfg) -> None:
+  if protocol not in PROTOCOLS:
+    raise EvalError(f"unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
+  try:
+    builder = pipeline.get_builder(cfg.dataset, cfg.data_dir)
+  except pipeline.DataError as e:
+    raise EvalError(str(e))
+  if "label" not in builder.info.features:
+    raise EvalError(f"dataset {cfg.dataset} has no labels; protocol {protocol} needs a labelled dataset")
+
+
+def evaluate(workdir: str, protocol: str, checkpoint: str = "latest", cfg=None, write: bool = True,
+             encoder: Optional[Encoder] = None) -> Dict[str, Any]:
+  """Runs `protocol` on a checkpoint of `workdir` (and the baselines when cfg.eval.baselines) and
+  returns {"step", "protocol", "settings", "results": {encoder name: metrics}}."""
+  cfg = load_config(workdir) if cfg is None else cfg
+  check_inputs(workdir, protocol, cfg)
+  step = find_checkpoint(workdir, cfg, checkpoint)
+  encoder = encoder or Encoder(cfg, parallel.make_mesh())
+  state = encoder.restore(workdir, step)
+  info = encoder.info
+  start = time.time()
+  results = {}
+  candidates = [("ssl", lambda split: encoder.features(state, split))]
+  if cfg.eval.baselines:
+    candidates += [("random_init", lambda split: encoder.features(encoder.initial_state, split)),
+                   ("raw_pixels", encoder.pixel_features)]
+  for name, featurize in candidates:
+    train_data, test_data = featurize(info.train_split), featurize(info.test_split)
+    results[name] = run_protocol(protocol, cfg, train_data, test_data)
+    results[name]["feature_dim"] = int(train_data[0].shape[1])
+  out = {"workdir": str(workdir), "step": step, "protocol": protocol, "dataset": cfg.dataset,
+         "train_split": info.train_split, "test_split": info.test_split,
+         "num_train": int(len(train_data[1])), "num_test": int(len(test_data[1])),
+         "settings": cfg.eval.to_dict(), "method": cfg.method.name, "results": results,
+         "seconds": time.time() - start}
+  if write and jax.process_index() == 0:
+    write_results(workdir, out)
+  return out
+
+
+def write_results(workdir: str, out: Dict[str, Any]) -> None:
+  eval_dir = epath.Path(workdir) / "eval"
+  eval_dir.mkdir(parents=True, exist_ok=True)
+  ckpt_lib.write_json_atomic(str(eval_dir / f"{out['protocol']}_{out['step']}.json"), out)
+  table = eval_dir / "results.md"
+  lines = table.read_text().splitlines() if table.exists() else [
+      "| method | step | protocol | encoder | top-1 (%) | details |", "|---|---|---|---|---|---|"]
+  for name, metrics in out["results"].items():
+    details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                        if not isinstance(v, dict))
+    lines.append(f"| {out['method']} | {out['step']} | {out['protocol']} | {name} | "
+                 f"{100 * headline(out['protocol'], metrics):.2f} | {details} |")
+  tmp = eval_dir / "results.md.tmp"
+  tmp.write_text("\n".join(lines) + "\n")
+  tmp.replace(table)
