@@ -39,7 +39,7 @@ def parse_args(argv=None):
   p.add_argument("--batch_size", type=int, default=256, help="global batch (images; two views each)")
   p.add_argument("--width", type=int, default=64, help="ResNet-18 first-stage channels (64 = the paper)")
   p.add_argument("--steps", type=int, default=3, help="timed steps per column")
-  p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+  p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (at least 1)")
   p.add_argument("--conv_impl", choices=("xla", "patches", "both"), default="both",
                  help="ssl_jax model.conv_impl column(s) to run")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores every column may use")
@@ -126,11 +126,10 @@ def jax_column(args, conv_impl: str):
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_peak = getattr(memory, "peak_memory_in_bytes", 0) or (
-      memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-      + memory.temp_size_in_bytes)
+  # Live at once during the step: inputs, outputs not aliased to (donated) inputs, and XLA's temporaries.
+  # (peak_memory_in_bytes leaves the temporaries out on XLA:CPU.)
+  xla_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+               + memory.temp_size_in_bytes)
 
   holder = {"state": state}
 
@@ -142,8 +141,8 @@ def jax_column(args, conv_impl: str):
   step_s = statistics.median(times)
   return {"column": f"ssl_jax conv_impl={conv_impl}", "images_per_s": args.batch_size / step_s,
           "step_s": step_s, "compile_s": compile_s, "first_step_s": first, "peak_rss_mib": peak_rss_mib(),
-          "xla_peak_mib": xla_peak / 2**20, "xla_temp_mib": memory.temp_size_in_bytes / 2**20,
-          "gflop_per_step": cost.get("flops", 0.0) / 1e9 if cost else 0.0, "devices": jax.device_count()}
+          "xla_peak_mib": xla_bytes / 2**20, "xla_temp_mib": memory.temp_size_in_bytes / 2**20,
+          "devices": jax.device_count()}
 
 
 def pipeline_column(args):
@@ -263,6 +262,15 @@ def resnet18_convs(width: int, cifar_stem: bool = True):
   return convs
 
 
+def conv_gflop_per_step(width: int, batch_size: int) -> float:
+  """Multiply-adds x 2 of every convolution's forward, input gradient and kernel gradient (3 x forward)
+  over both views: the bulk of a ResNet step's arithmetic, the same for every implementation."""
+  total = 0
+  for hw, cin, cout, k, stride, count in resnet18_convs(width):
+    total += 2 * (2 * batch_size) * (hw // stride) ** 2 * k * k * cin * cout * count
+  return 3 * total / 1e9
+
+
 def breakdown_column(args):
   """Times each ResNet-18 convolution shape's forward, input gradient and kernel gradient (XLA's and the
   patch-matmul one) on the step's activations (2 x batch images), scaled by how often it occurs."""
@@ -347,6 +355,8 @@ def main(argv=None):
   print(f"SimCLR ResNet-18 (CIFAR stem, width {args.width}), global batch {args.batch_size} x 2 views of "
         f"32x32, {args.steps} timed steps after {args.warmup} warm-up, {args.threads} threads, "
         f"{os.cpu_count()} CPUs on this machine", flush=True)
+  conv_gflop = conv_gflop_per_step(args.width, args.batch_size)
+  print(f"convolutions, forward and backward: {conv_gflop:.0f} GFLOP per step", flush=True)
   results = []
   impls = ("xla", "patches") if args.conv_impl == "both" else (args.conv_impl,)
   for impl in impls:
@@ -356,8 +366,8 @@ def main(argv=None):
       results.append(r)
       print(f"  {r['images_per_s']:.1f} images/s (median step {r['step_s']:.2f} s); compile {r['compile_s']:.1f} s; "
             f"peak RSS {r['peak_rss_mib']:.0f} MiB; XLA memory analysis {r['xla_peak_mib']:.0f} MiB "
-            f"(temp {r['xla_temp_mib']:.0f} MiB); {r['gflop_per_step']:.0f} GFLOP/step (XLA cost analysis), "
-            f"{r['gflop_per_step'] / r['step_s']:.1f} GFLOP/s", flush=True)
+            f"(temp {r['xla_temp_mib']:.0f} MiB); convolutions at {conv_gflop / r['step_s']:.1f} GFLOP/s",
+            flush=True)
 
   try:
     import torch  # noqa: F401
@@ -374,7 +384,8 @@ def main(argv=None):
     if r:
       results.append(r)
       print(f"  {r['images_per_s']:.1f} images/s (median step {r['step_s']:.2f} s); first step "
-            f"{r['first_step_s']:.1f} s; peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+            f"{r['first_step_s']:.1f} s; peak RSS {r['peak_rss_mib']:.0f} MiB; convolutions at "
+            f"{conv_gflop / r['step_s']:.1f} GFLOP/s", flush=True)
 
   print("input pipeline (pretrain_batches on CIFAR-10 alone):", flush=True)
   pipeline_result = None
@@ -403,7 +414,7 @@ def main(argv=None):
   for r in results:
     compile_s = f"{r['compile_s']:.0f}" if "compile_s" in r else "- (eager)"
     xla_mib = f"{r['xla_peak_mib']:.0f}" if "xla_peak_mib" in r else "-"
-    print(f"| {r['column']} | {r['images_per_s']:.1f} | {r['step_s']:.1f} | {compile_s} | "
+    print(f"| {r['column']} | {r['images_per_s']:.1f} | {r['step_s']:.2f} | {compile_s} | "
           f"{r['peak_rss_mib']:.0f} | {xla_mib} |")
   if pipeline_result:
     print(f"| input pipeline (tf.data, 2 views) | {pipeline_result['images_per_s']:.0f} | - | - | "

@@ -35,6 +35,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   cfg.checkpoint_every_steps = 1000
   cfg.keep_checkpoints = 3
   cfg.shuffle_buffer = 50_000
+  cfg.data_shards = 0             # input streams making up each global batch; 0: one per process
   cfg.cache_dataset = True        # keep the decoded split in memory (small datasets)
   cfg.normalize_inputs = True     # subtract the dataset mean, divide by its std (SimCLR's code does not)
   cfg.online_probe = True         # linear classifier on stop-gradient features, trained alongside
@@ -118,6 +119,10 @@ def validate(cfg, num_devices: int, num_processes: int = 1) -> None:
          f"use a multiple of {num_devices}")
   if cfg.batch_size % num_processes:
     fail(f"batch_size={cfg.batch_size} is not divisible by the {num_processes} processes")
+  shards = cfg.data_shards or num_processes
+  if cfg.data_shards < 0 or shards % num_processes or cfg.batch_size % shards:
+    fail(f"data_shards={cfg.data_shards} must be a multiple of the {num_processes} processes and divide "
+         f"batch_size={cfg.batch_size}")
   if cfg.optimizer.base_learning_rate <= 0:
     fail(f"optimizer.base_learning_rate must be > 0, got {cfg.optimizer.base_learning_rate}")
   if cfg.optimizer.name not in ("lars", "sgd", "adamw"):

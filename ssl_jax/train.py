@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from ssl_jax import checkpoint as ckpt_lib
@@ -146,16 +147,29 @@ def _check_finite(fetched, step: int, last_saved: int, workdir: str) -> None:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag checked between steps, so the loop can save and exit cleanly."""
+  """SIGTERM -> save a checkpoint and stop, at a step every process agrees on.
+
+  One process: a Python handler sets a flag read between steps. Several processes: the signal may reach
+  them at different steps, and a checkpoint is a collective save, so JAX's preemption sync service
+  (started by jax.distributed.initialize, which handles SIGTERM itself) picks the step."""
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multiprocess = jax.process_count() > 1
+
+  def reached(self, step: int) -> bool:
+    """Call once per step on every process."""
+    if self._multiprocess:
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __enter__(self):
     def handler(signum, frame):
       logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
       self.requested = True
+    if self._multiprocess:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread (e.g. a notebook kernel thread): no handler
@@ -208,7 +222,7 @@ def train(config, workdir: str, stop_at_step: Optional[int] = None) -> Dict[str,
         pending.append(metrics)
         # One reading of the flag per step: a signal landing later in this iteration is handled at the
         # next one, never between the save decision and the break.
-        preempted = preemption.requested
+        preempted = preemption.reached(step)
         stop = preempted or step == end
         if step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0 or stop:
           fetched = jax.device_get(pending)

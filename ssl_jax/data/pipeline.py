@@ -62,33 +62,29 @@ def num_examples(builder, split: str) -> int:
   return sum(builder.info.splits[s].num_examples for s in split.split("+"))
 
 
-def process_shard(builder, split: str, process_index: int, process_count: int):
-  """(split string of this process's examples, global index of its first example, count).
+def shard_split(builder, split: str, shard: int, num_shards: int):
+  """[(split slice string, global index of its first example)] of one contiguous shard, one entry per part
+  of a split like "train+unlabelled" (parts are numbered one after the other).
 
-  Each process gets the same number of examples (the remainder is dropped), so every process runs the
-  same number of steps. Splits like "train+unlabelled" are sharded part by part."""
-  parts = []
-  first_index = None
-  total = 0
-  offset = 0
+  Every shard gets the same number of examples (the remainder is dropped), so every input stream runs
+  the same number of steps."""
+  parts, offset = [], 0
   for name in split.split("+"):
     n = builder.info.splits[name].num_examples
-    per = n // process_count
-    start = process_index * per
-    parts.append(f"{name}[{start}:{start + per}]")
-    first_index = offset + start if first_index is None else first_index
-    total += per
+    per = n // num_shards
+    parts.append((f"{name}[{shard * per}:{(shard + 1) * per}]", offset + shard * per))
     offset += n
-  return "+".join(parts), first_index, total
+  return parts
 
 
-def _read(builder, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
-  """This process's examples as {"image": uint8 [h, w, 3], "label": int32, "index": int64}."""
-  shard, first_index, _ = process_shard(builder, split, process_index, process_count)
-  ds = builder.as_dataset(split=shard, shuffle_files=False,
-                          read_config=tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False))
+def _read(builder, split: str, shard: int, num_shards: int) -> tf.data.Dataset:
+  """One shard's examples as {"image": uint8 [h, w, 3], "label": int32, "index": int64 (global)}."""
   has_label = "label" in builder.info.features
-  ds = ds.enumerate(start=first_index)
+  ds = None
+  for split_string, first_index in shard_split(builder, split, shard, num_shards):
+    part = builder.as_dataset(split=split_string, shuffle_files=False,
+                              read_config=tfds.ReadConfig(interleave_cycle_length=1)).enumerate(start=first_index)
+    ds = part if ds is None else ds.concatenate(part)
   return ds.map(lambda i, ex: {"image": ex["image"],
                                "label": tf.cast(ex["label"], tf.int32) if has_label else tf.constant(-1),
                                "index": i},
@@ -102,35 +98,58 @@ def _options() -> tf.data.Options:
   return options
 
 
+def num_data_shards(cfg, process_count: int) -> int:
+  """cfg.data_shards, or one shard per process when it is 0."""
+  return cfg.data_shards or process_count
+
+
 def pretrain_batches(
     cfg, views: Sequence[Dict[str, Any]], local_batch: int, start_step: int = 0,
     process_index: int = 0, process_count: int = 1) -> Iterator[Dict[str, Any]]:
   """Yields numpy batches {"views": tuple of float32 [local_batch, s, s, 3], "label": int32 [local_batch],
-  "index": int64 [local_batch]} for steps start_step, start_step + 1, ... of this process."""
+  "index": int64 [local_batch]} for steps start_step, start_step + 1, ... of this process.
+
+  The split is cut into `data_shards` contiguous shards, each an independent seeded stream contributing
+  batch_size / data_shards examples to every global batch, in shard order; a process reads only its own
+  shards. The global batch of a step therefore depends on the seed and the number of shards, not on how
+  many processes read them: 2 processes x 1 shard give the batches of 1 process x 2 shards (tested).
+  """
+  shards = num_data_shards(cfg, process_count)
+  per_process = shards // process_count
+  per_shard = local_batch // per_process
   builder = get_builder(cfg.dataset, cfg.data_dir)
   info = datasets.get(cfg.dataset)
-  ds = _read(builder, info.pretrain_split, process_index, process_count)
+  streams = [_shard_stream(cfg, builder, info, views, shard, shards, per_shard, start_step)
+             for shard in range(process_index * per_process, (process_index + 1) * per_process)]
+  ds = streams[0] if len(streams) == 1 else tf.data.Dataset.zip(tuple(streams)).map(
+      lambda *parts: tf.nest.map_structure(lambda *x: tf.concat(x, axis=0), *parts))
+  return iter(tfds.as_numpy(ds.prefetch(2).with_options(_options())))
+
+
+def _shard_stream(cfg, builder, info, views, shard: int, num_shards: int, batch: int, start_step: int):
+  """Batches of `batch` augmented examples from one shard, from step `start_step` on."""
+  ds = _read(builder, info.pretrain_split, shard, num_shards)
   if cfg.cache_dataset:
     ds = ds.cache()
   ds = ds.repeat()
-  ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed * 1000 + process_index, reshuffle_each_iteration=True)
+  ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed * 1000 + shard, reshuffle_each_iteration=True)
   ds = ds.enumerate()
-  ds = ds.skip(start_step * local_batch)
+  # Resume: skip what earlier steps consumed, before any decoding or augmentation.
+  ds = ds.skip(start_step * batch)
   mean, std = info.mean, info.std
   normalize = cfg.normalize_inputs
-  seed, pid, pcount = int(cfg.seed), int(process_index), int(process_count)
+  seed = int(cfg.seed)
 
   def transform(count, ex):
-    # Stream position -> a seed unique across processes and elements.
-    element_seed = tf.stack([tf.constant(seed, tf.int64), count * pcount + pid])
+    # (seed, position in this shard's stream, shard) -> the element's augmentation seed.
+    element_seed = tf.stack([tf.constant(seed, tf.int64), count * num_shards + shard])
     out = augment.multi_view_transform(views, ex["image"], element_seed)
     if normalize:
       out = tuple(augment.normalize(v, mean, std) for v in out)
     return {"views": out, "label": ex["label"], "index": ex["index"]}
 
   ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local_batch, drop_remainder=True).prefetch(2).with_options(_options())
-  return iter(tfds.as_numpy(ds))
+  return ds.batch(batch, drop_remainder=True)
 
 
 def eval_batches(cfg, split: str, local_batch: int, crop_size: int, crop_proportion: float,

@@ -9,6 +9,7 @@ test data, which tests/test_evaluate.py checks.
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Sequence
 
 import jax
@@ -30,8 +31,12 @@ def fit_grid(x, y, num_classes: int, lrs: Sequence[float], wds: Sequence[float],
   """Fits one linear classifier per (lr, wd) pair. x: [n, d] standardized, y: [n] int.
   Returns (weights [G, d, c], biases [G, c]) with G = len(lrs) * len(wds), lr-major."""
   grid_lr, grid_wd = (jnp.asarray(v, jnp.float32).reshape(-1) for v in np.meshgrid(lrs, wds, indexing="ij"))
-  x = jnp.asarray(x, jnp.float32)
-  onehot = jax.nn.one_hot(jnp.asarray(y), num_classes)
+  return _fit_grid(jnp.asarray(x, jnp.float32), jnp.asarray(y), grid_lr, grid_wd, num_classes, steps)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
+def _fit_grid(x, y, grid_lr, grid_wd, num_classes: int, steps: int):
+  onehot = jax.nn.one_hot(y, num_classes)
 
   def loss(params, wd):
     w, b = params
@@ -53,7 +58,7 @@ def fit_grid(x, y, num_classes: int, lrs: Sequence[float], wds: Sequence[float],
     (params, _), _ = jax.lax.scan(step, (params, velocity), jnp.arange(steps, dtype=jnp.float32))
     return params
 
-  return jax.jit(jax.vmap(fit))(grid_lr, grid_wd)
+  return jax.vmap(fit)(grid_lr, grid_wd)
 
 
 def _accuracy(params, x, y):

@@ -11,9 +11,11 @@ The kernel gradient of y = conv(x, w) is the im2col product
     dw[t] = sum over output positions p of  window_t(x)[p]^T g[p],     t = one kernel offset,
 where window_t(x) is the padded input shifted by offset t and subsampled by the strides, and g = dL/dy.
 Stacking the windows into one [positions, k*k*C] patch matrix would make this a single matmul; one
-matmul per offset computes the same sums without materializing that k*k times larger matrix, and measured
-faster on XLA:CPU (slices are cheap there, while `lax.conv_general_dilated_patches` is itself a slow
-grouped convolution). The forward pass and the input gradient stay XLA's convolution and its transpose.
+matmul per offset computes the same sums without materializing that k*k times larger matrix (extra memory:
+one window, as XLA's own kernel gradient needs), and measured faster on XLA:CPU than the single matmul,
+whose patch extraction (`lax.conv_general_dilated_patches` is itself a grouped convolution, or k*k
+slices concatenated) costs more than the product. The forward pass and the input gradient stay XLA's
+convolution and its transpose.
 """
 
 from __future__ import annotations
@@ -42,19 +44,25 @@ def _xla_conv(x, w, strides, padding, precision):
 
 
 def _kernel_grad(x, g, kernel_shape, strides, padding, precision):
-  """dL/dw for y = conv(x, w): x [n, *in_spatial, c], g [n, *out_spatial, o] -> [*kernel_spatial, c, o]."""
+  """dL/dw for y = conv(x, w): x [n, *in_spatial, c], g [n, *out_spatial, o] -> [*kernel_spatial, c, o].
+
+  A scan over the kernel offsets, so one input window is alive at a time: unrolled, XLA keeps all k*k
+  windows (k*k times the input) alive at once."""
   c, o = kernel_shape[-2:]
   # lax.pad rather than jnp.pad: explicit padding may be negative (cropping), as in lax.conv.
   x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in padding), (0, 0, 0)])
-  out_spatial = g.shape[1:-1]
+  window_shape = (x.shape[0], *(s * (n - 1) + 1 for s, n in zip(strides, g.shape[1:-1])), c)
   g = g.reshape(-1, o)
-  per_offset = []
-  for offset in itertools.product(*(range(k) for k in kernel_shape[:-2])):
-    limit = tuple(t + s * (n - 1) + 1 for t, s, n in zip(offset, strides, out_spatial))
-    window = lax.slice(x, (0, *offset, 0), (x.shape[0], *limit, c), (1, *strides, 1))
-    per_offset.append(lax.dot_general(window.reshape(-1, c), g, (((0,), (0,)), ((), ())),
-                                      precision=precision, preferred_element_type=jnp.float32))
-  return jnp.stack(per_offset).reshape(kernel_shape)
+  offsets = jnp.array(list(itertools.product(*(range(k) for k in kernel_shape[:-2]))), jnp.int32)
+
+  def per_offset(carry, offset):
+    window = lax.dynamic_slice(x, (0, *offset, 0), window_shape)
+    window = lax.slice(window, (0,) * window.ndim, window.shape, (1, *strides, 1))
+    return carry, lax.dot_general(window.reshape(-1, c), g, (((0,), (0,)), ((), ())), precision=precision,
+                                  preferred_element_type=jnp.float32)
+
+  _, dw = lax.scan(per_offset, None, offsets)
+  return dw.reshape(kernel_shape)
 
 
 def _match_varying_axes(x, w):

@@ -1,0 +1,126 @@
+"""Several processes on 127.0.0.1 (the stand-in for TPU pod hosts), each with 4 simulated devices."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import REPO
+from ssl_jax import checkpoint as ckpt_lib
+from ssl_jax import config as config_lib
+from ssl_jax import methods, optim, parallel, train
+from ssl_jax.data.datasets import EMBEDDED_DATA_DIR
+
+TRAIN_ARGS = ["--config=configs/simclr.py:cifar10,tiny", f"--config.data_dir={EMBEDDED_DATA_DIR}",
+              "--config.batch_size=16", "--config.model.width=8", "--config.total_steps=4",
+              "--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--config.shuffle_buffer=256"]
+TIMEOUT = 600
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices):
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def run_processes(module, args, num_processes=2, devices=4, timeout=TIMEOUT):
+  """Runs `python -m module args` as num_processes processes joined through a coordinator on loopback."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", module, *args, f"--coordinator_address=127.0.0.1:{port}",
+       f"--num_processes={num_processes}", f"--process_id={i}"],
+      cwd=REPO, env=_env(devices), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+      for i in range(num_processes)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=timeout))
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return outs
+
+
+def run_single(module, args, devices=8):
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_env(devices), text=True,
+                        capture_output=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def losses(workdir):
+  return [(r["step"], r["total_loss"]) for r in
+          map(json.loads, (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines())]
+
+
+def final_params(workdir):
+  cfg = ml_collections.ConfigDict(json.loads((pathlib.Path(workdir) / "config.json").read_text()))
+  method = methods.get(cfg)
+  state, _ = train.create_train_state(cfg, method, optim.warmup_cosine(1.0, 0, 1), 10)
+  state = parallel.replicate(parallel.make_mesh(), state)
+  manager = ckpt_lib.Manager(str(workdir), cfg, create=False)
+  return jax.device_get(manager.restore(manager.latest_step(), state).params)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A two-process run stopped at step 2 and resumed to step 4, and an uninterrupted one-process run on
+  8 devices reading the same 2 input shards. (Each multi-process launch costs about a minute of the 2
+  cores, so one pair of runs serves the three checks below.)"""
+  root = tmp_path_factory.mktemp("multihost")
+  run_processes("ssl_jax.main", TRAIN_ARGS + [f"--workdir={root / 'two'}", "--stop_at_step=2"])
+  root.joinpath("steps_after_stop").write_text(json.dumps(
+      ckpt_lib.Manager(str(root / "two"), config_lib.load(f"{REPO}/configs/simclr.py:cifar10,tiny"),
+                       create=False).all_steps()))
+  outs = run_processes("ssl_jax.main", TRAIN_ARGS + [f"--workdir={root / 'two'}"])
+  root.joinpath("resume_log").write_text(outs[0][1])
+  run_single("ssl_jax.main", TRAIN_ARGS + [f"--workdir={root / 'one'}", "--config.data_shards=2"])
+  return root
+
+
+def test_two_processes_equal_one_process_with_eight_devices(runs):
+  two, one = losses(runs / "two"), losses(runs / "one")
+  assert [s for s, _ in two] == [1, 2, 3, 4]
+  np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(final_params(runs / "two")), jax.tree.leaves(final_params(runs / "one"))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_two_processes_stop_and_resume(runs):
+  """The two-process run was stopped at step 2 (a checkpoint there, nothing later) and resumed from it;
+  its losses over all 4 steps match the uninterrupted run (checked above)."""
+  assert json.loads((runs / "steps_after_stop").read_text()) == [2]
+  assert "resumed from step 2" in (runs / "resume_log").read_text()
+
+
+def test_knn_over_two_processes_equals_one_process(runs):
+  args = [f"--workdir={runs / 'one'}", "--protocol=knn", "--config.eval.baselines=False"]
+  run_single("ssl_jax.evaluate", args)
+  single = json.loads((runs / "one" / "eval" / "knn_4.json").read_text())
+  run_processes("ssl_jax.evaluate", args)
+  double = json.loads((runs / "one" / "eval" / "knn_4.json").read_text())
+  assert double["results"] == single["results"]
+  assert double["num_test"] == single["num_test"] == 1000
+
+
+def test_missing_peer_fails_with_clear_error_in_bounded_time():
+  proc = subprocess.run(
+      [sys.executable, "-m", "ssl_jax.main", *TRAIN_ARGS, "--workdir=/tmp/never_written",
+       f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2", "--process_id=0",
+       "--initialization_timeout=15"], cwd=REPO, env=_env(4), text=True, capture_output=True, timeout=120)
+  assert proc.returncode == 2
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "did not all join within 15s" in errors[0], proc.stderr[-2000:]
