@@ -24,7 +24,8 @@ def get_config(arg=None):
   cfg.checkpoint_every_steps = 100
   cfg.keep_checkpoints = 100  # every checkpoint is a point of the kNN curve
   cfg.shuffle_buffer = 4000
-  cfg.model.update(depth=18, width=16, cifar_stem=True)
+  # conv_impl="patches": the CPU kernel-gradient rewrite (same numbers, about 2x faster on XLA:CPU).
+  cfg.model.update(depth=18, width=16, cifar_stem=True, conv_impl="patches")
   cfg.optimizer.update(name="lars", base_learning_rate=1.0, lr_scaling="linear", weight_decay=1e-6,
                        warmup_epochs=1.0)
   cfg.method.update(temperature=0.5, proj_hidden_dim=512, proj_dim=128, proj_layers=2)

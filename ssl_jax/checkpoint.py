@@ -8,7 +8,6 @@ restores (multi-host). Paths may be local or gs:// (etils.epath).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Optional, Tuple
 
 import jax

@@ -10,12 +10,8 @@ sharded over the "data" axis:
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import os
 import signal
-import time
 from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn

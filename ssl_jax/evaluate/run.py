@@ -13,11 +13,9 @@ from typing import Any, Dict, Optional
 
 import jax
 import ml_collections
-import numpy as np
 from etils import epath
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config as config_lib
 from ssl_jax import parallel, train
 from ssl_jax.data import datasets, pipeline
 from ssl_jax.evaluate import features as features_lib

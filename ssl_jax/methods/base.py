@@ -81,7 +81,7 @@ def build_encoder(config, bn_axis_name: Optional[str] = DATA) -> nn.Module:
   if m.name == "resnet":
     return models.create_resnet(m.depth, width=m.width, width_multiplier=m.width_multiplier,
                                 cifar_stem=m.cifar_stem, dtype=dtype_of(config), bn_axis_name=bn_axis_name,
-                                bn_momentum=m.bn_momentum)
+                                bn_momentum=m.bn_momentum, conv_impl=m.conv_impl)
   raise ValueError(f"unknown model.name {m.name!r}")
 
 
