@@ -37,7 +37,11 @@ class Manager:
 
   def __init__(self, workdir: str, config, create: bool = True):
     self.config = config
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=create)
+    # Synchronous saves: with async saves, a checkpoint of this loop was seen still uncommitted minutes
+    # after it was started (the background commit starved by the training loop on 2 CPU cores), so a
+    # kill in that window would lose it. A save is small next to the steps between saves.
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=create,
+                                           enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                           item_names=("state", "config"))
 

@@ -11,8 +11,8 @@ The kernel gradient of y = conv(x, w) is the im2col product
     dw[t] = sum over output positions p of  window_t(x)[p]^T g[p],     t = one kernel offset,
 where window_t(x) is the padded input shifted by offset t and subsampled by the strides, and g = dL/dy.
 Stacking the windows into one [positions, k*k*C] patch matrix would make this a single matmul; one
-matmul per offset computes the same sums without materializing that k*k times larger matrix (extra memory:
-one window, as XLA's own kernel gradient needs), and measured faster on XLA:CPU than the single matmul,
+matmul per offset computes the same sums without materializing that k*k times larger matrix (temporary
+memory about that of XLA's own kernel gradient), and measured faster on XLA:CPU than the single matmul,
 whose patch extraction (`lax.conv_general_dilated_patches` is itself a grouped convolution, or k*k
 slices concatenated) costs more than the product. The forward pass and the input gradient stay XLA's
 convolution and its transpose.
