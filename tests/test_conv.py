@@ -1,6 +1,8 @@
 """The patch-matmul convolution (ssl_jax/models/conv.py) against flax.linen.Conv: same parameters, same
 forward output, same input and kernel gradients."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,8 +45,8 @@ def _outputs_and_grads(module, params, x, cotangent):
 
 @pytest.mark.parametrize("kernel,strides,padding,cin,cout,h,w", CASES)
 def test_patches_conv_matches_flax_conv(kernel, strides, padding, cin, cout, h, w):
-  settings = dict(features=cout, kernel_size=kernel, strides=strides, padding=padding, use_bias=False,
-                  kernel_init=models.resnet.conv_init)
+  settings = {"features": cout, "kernel_size": kernel, "strides": strides, "padding": padding,
+              "use_bias": False}
   reference, patches = nn.Conv(**settings), conv_lib.Conv(**settings)
   x = _random_like(jax.ShapeDtypeStruct((3, h, w, cin), jnp.float32), seed=1)
   params = _random_like(jax.eval_shape(reference.init, jax.random.key(0), x))
@@ -62,7 +64,7 @@ def test_patches_conv_matches_flax_conv(kernel, strides, padding, cin, cout, h, 
 
 
 def test_bias_and_batch_dims_follow_flax_conv():
-  settings = dict(features=4, kernel_size=(3, 3), strides=2)
+  settings = {"features": 4, "kernel_size": (3, 3), "strides": 2}
   # Two leading batch dimensions, which nn.Conv flattens into one.
   x = _random_like(jax.ShapeDtypeStruct((2, 3, 8, 8, 5), jnp.float32), seed=1)
   params = _random_like(jax.eval_shape(nn.Conv(**settings).init, jax.random.key(0), x))
@@ -77,7 +79,8 @@ def test_resnet_conv_impls_share_parameters_and_gradients():
   x = _random_like(jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32), seed=1)
   nets = {impl: models.ResNet(stage_sizes=(1, 1), block_cls=models.resnet.BasicBlock, width=4, conv_impl=impl)
           for impl in ("xla", "patches")}
-  abstract = {impl: jax.eval_shape(lambda: net.init(jax.random.key(0), x, train=False)) for impl, net in nets.items()}
+  abstract = {impl: jax.eval_shape(functools.partial(net.init, train=False), jax.random.key(0), x)
+              for impl, net in nets.items()}
   assert _shapes(abstract["patches"]) == _shapes(abstract["xla"])
   variables = _random_like(abstract["xla"])
 
@@ -96,7 +99,7 @@ def test_kernel_gradient_under_shard_map_sums_over_devices():
   """A replicated kernel on a batch-sharded input, as in the train step: the gradient is the sum over
   devices, equal to nn.Conv's."""
   mesh = parallel.make_mesh()
-  settings = dict(features=4, kernel_size=(3, 3), use_bias=False)
+  settings = {"features": 4, "kernel_size": (3, 3), "use_bias": False}
   x = _random_like(jax.ShapeDtypeStruct((2 * mesh.size, 6, 6, 3), jnp.float32), seed=1)
   params = _random_like(jax.eval_shape(nn.Conv(**settings).init, jax.random.key(0), x))
 
