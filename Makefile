@@ -18,7 +18,7 @@ quickstart: $(STAMP)
 
 # The whole test suite on 8 simulated CPU devices (README command 2; what CI runs).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/simclr_step.py

@@ -291,7 +291,7 @@ wait_active() {
 # Code and jobs on the workers. Remote scripts are POSIX sh (the login shell runs them), one line each.
 
 # Defines `alive PIDFILE` on a worker: true while the ssl_jax process it names runs.
-REMOTE_ALIVE="alive() { [ -s \"\$1\" ] && ps -p \"\$(cat \"\$1\")\" -o args= 2>/dev/null | grep ssl_jax >/dev/null; }"
+REMOTE_ALIVE="alive() { [ -s \"\$1\" ] && ps -ww -p \"\$(cat \"\$1\")\" -o args= 2>/dev/null | grep ssl_jax >/dev/null; }"
 
 setup_workers() {
   local tarball install venv_python="\"\$HOME/$REMOTE_VENV/bin/python\""

@@ -5,6 +5,20 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# One persistent XLA compilation cache for the whole test session, shared through the environment with
+# the subprocesses the tests start (ssl_jax.main, ssl_jax.evaluate, notebook kernels, multi-process runs):
+# many tests compile the same tiny train step, and compiling dominates their time on 2 cores. A cache hit
+# is the same executable, so no result changes. Under pytest-xdist the controller creates the directory
+# and its workers inherit the variable; the controller removes it at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _cache = tempfile.mkdtemp(prefix="ssl_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402

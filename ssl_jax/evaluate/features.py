@@ -39,7 +39,18 @@ def extract(cfg, represent: Callable, split: str, mesh, batch_size: int = 256) -
   return np.concatenate(feats)[mask][order], np.concatenate(labels)[mask][order].astype(np.int32)
 
 
+RAW_PIXELS_MAX_SIDE = 32
+
+
 @jax.jit
 def raw_pixels(x):
-  """The raw-pixel baseline's "representation": the flattened (normalized) image."""
-  return x.reshape(x.shape[0], -1)
+  """The raw-pixel baseline's "representation": the flattened (normalized) image, area-downsampled to
+  at most 32x32 first. At 32x32 (CIFAR) that is the image itself; at 224x224 the full image would be
+  150,528 features per example (770 GB of train features for ImageNet), so larger images are compared as
+  32x32 thumbnails, the "tiny images" baseline of Torralba et al. 2008."""
+  n, h, w, c = x.shape
+  if max(h, w) > RAW_PIXELS_MAX_SIDE:
+    scale = RAW_PIXELS_MAX_SIDE / max(h, w)
+    x = jax.image.resize(x, (n, max(1, round(h * scale)), max(1, round(w * scale)), c), "linear",
+                         antialias=True)
+  return x.reshape(n, -1)
