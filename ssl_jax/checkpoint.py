@@ -8,6 +8,7 @@ restores (multi-host). Paths may be local or gs:// (etils.epath).
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Optional, Tuple
 
 import jax
@@ -29,6 +30,10 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
+  # Absolute: orbax's tensorstore writer rejects a relative path (`--workdir=workdirs/x` would fail at
+  # the first save). Paths with a scheme (gs://) are left as they are.
+  if "://" not in str(workdir):
+    workdir = os.path.abspath(workdir)
   return epath.Path(workdir) / "checkpoints"
 
 

@@ -175,3 +175,13 @@ def test_quickstart_end_to_end(tmp_path):
   assert "| random_init |" in proc.stdout and "| raw_pixels |" in proc.stdout and "| ssl |" in proc.stdout
   assert (tmp_path / "quickstart.png").stat().st_size > 10_000
   assert "kNN (k=20) at step 4" in proc.stdout
+
+
+def test_raw_pixels_is_the_image_up_to_32px_and_a_thumbnail_above():
+  small = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(features.raw_pixels(small), small.reshape(2, -1))
+  # 224x224 becomes a 32x32 thumbnail (3,072 features, not 150,528) that keeps smooth content.
+  ramp = np.broadcast_to(np.linspace(0, 1, 224, dtype=np.float32)[None, :, None, None], (2, 224, 224, 3))
+  thumb = np.asarray(features.raw_pixels(ramp)).reshape(2, 32, 32, 3)
+  np.testing.assert_allclose(thumb, np.broadcast_to((np.arange(32) * 7 + 3)[None, :, None, None] / 223,
+                                                    thumb.shape), atol=0.02)

@@ -44,8 +44,11 @@ def read_metrics(workdir):
 
 
 @pytest.mark.parametrize("name", ["simclr", "byol", "moco_v2"])
-def test_config_tiny_variant_runs(name, data_dir, tmp_path):
-  out = train.train(tiny(name, data_dir), str(tmp_path))
+def test_config_tiny_variant_runs(name, data_dir, tmp_path, monkeypatch):
+  # A relative workdir, as `make quickstart` passes (orbax itself only accepts absolute paths).
+  monkeypatch.chdir(tmp_path)
+  out = train.train(tiny(name, data_dir), "run")
+  tmp_path = tmp_path / "run"
   rows = read_metrics(tmp_path)
   assert [r["step"] for r in rows] == [1, 2, 3]
   for key in ("loss", "learning_rate", "images_per_sec", "embedding_std", "probe_accuracy"):

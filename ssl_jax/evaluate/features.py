@@ -44,8 +44,8 @@ RAW_PIXELS_MAX_SIDE = 32
 
 @jax.jit
 def raw_pixels(x):
-  """The raw-pixel baseline's "representation": the flattened (normalized) image, area-downsampled to
-  at most 32x32 first. At 32x32 (CIFAR) that is the image itself; at 224x224 the full image would be
+  """The raw-pixel baseline's "representation": the flattened (normalized) image, resized first (bilinear,
+  antialiased) so that its longer side is at most 32. At 32x32 (CIFAR) that is the image itself; at 224x224 the full image would be
   150,528 features per example (770 GB of train features for ImageNet), so larger images are compared as
   32x32 thumbnails, the "tiny images" baseline of Torralba et al. 2008."""
   n, h, w, c = x.shape
