@@ -299,11 +299,11 @@ FAKE_PYTHON = textwrap.dedent("""\
       "-c "*) echo 0.0-fake; exit 0 ;;
     esac
     step_file="$FAKE_DIR/bucket-step"
-    step=$(cat "$step_file" 2>/dev/null || echo 0)
+    step=$(cat "$step_file" 2>/dev/null); step=${step:-0}
     trap 'echo "stopped at step $step after SIGTERM; re-run the same command to resume"; exit 0' TERM
     echo "argv: $*"
     echo "resumed from step $step"
-    while [ "$step" -lt "$FAKE_STEPS" ]; do sleep 0.1; step=$((step + 1)); echo "$step" > "$step_file"; done
+    while [ "$step" -lt "$FAKE_STEPS" ]; do sleep 0.1; step=$((step + 1)); echo "$step" > "$step_file.$$"; mv "$step_file.$$" "$step_file"; done
     echo "finished at step $step"
     """)
 
