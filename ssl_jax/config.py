@@ -50,14 +50,53 @@ def base_config(method: str) -> ml_collections.ConfigDict:
       trust_coefficient=1e-3, nesterov=False, b1=0.9, b2=0.999, warmup_epochs=10.0, end_learning_rate=0.0,
       exclude_bias_and_norm=True, no_decay_names=()))
 
-  # Evaluation protocols (ssl_jax.evaluate); kNN as in InstDisc / DINO.
+  # Evaluation protocols (ssl_jax.evaluate); kNN as in InstDisc / DINO. `linear_mode`: "fast" fits the
+  # linear probe on cached features (a vmapped lr x wd sweep, linear_steps full-batch steps); "paper"
+  # trains it on augmented images with the method's own recipe (eval.paper_linear).
   cfg.eval = ml_collections.ConfigDict(dict(
-      batch_size=256, knn_k=(10, 20, 100, 200), knn_temperature=0.07, linear_steps=300,
-      linear_val_fraction=0.1, baselines=True))
+      batch_size=256, knn_k=(10, 20, 100, 200), knn_temperature=0.07, linear_mode="fast", linear_steps=300,
+      linear_val_fraction=0.1, baselines=True,
+      # Protocols that train on images (random resized crop + flip; centre crop at test), one run per
+      # label fraction. Defaults: SimCLR's (Chen et al. 2020): linear head, appendix B.6 and the official
+      # README (Nesterov SGD, batch 4096, lr 0.1 x B/256, weight decay 1e-6, 90 epochs, no warm-up,
+      # zero-initialized classifier); fine-tuning with 1% / 10% of the labels, appendix B.5 (Nesterov SGD,
+      # batch 4096, lr 0.05 x B/256, no weight decay, 60 / 30 epochs, no warm-up). `finetune` on all the
+      # labels uses the B.5 recipe for 90 epochs (our choice). total_steps > 0 overrides the epochs.
+      paper_linear=supervised_protocol(train_encoder=False, label_fractions=(1.0,), epochs=(90.0,),
+                                       base_learning_rate=0.1, weight_decay=1e-6),
+      finetune=supervised_protocol(train_encoder=True, label_fractions=(1.0,), epochs=(90.0,),
+                                   base_learning_rate=0.05, weight_decay=0.0),
+      semi=supervised_protocol(train_encoder=True, label_fractions=(0.01, 0.1), epochs=(60.0, 30.0),
+                               base_learning_rate=0.05, weight_decay=0.0),
+  ))
 
   cfg.method = methods.default_config(method)
   cfg.views = ml_collections.ConfigDict()
   return cfg
+
+
+def supervised_protocol(**settings) -> ml_collections.ConfigDict:
+  """Settings of one image-level evaluation protocol (ssl_jax/evaluate/supervised.py)."""
+  out = dict(train_encoder=False, label_fractions=(1.0,), epochs=(90.0,), total_steps=0, batch_size=4096,
+             optimizer="sgd", base_learning_rate=0.1, lr_scaling="linear", weight_decay=0.0, momentum=0.9,
+             nesterov=True, warmup_epochs=0.0, schedule="cosine", lr_drop_epochs=(), crop_scale=(0.08, 1.0),
+             log_every_steps=50)
+  unknown = set(settings) - set(out)
+  if unknown:
+    raise ConfigError(f"unknown evaluation protocol setting(s) {sorted(unknown)}")
+  out.update(settings)
+  return ml_collections.ConfigDict(out)
+
+
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved by an earlier run (config.json), with keys added to the schema since then filled in
+  from base_config of its method, so evaluation settings introduced later apply to older workdirs."""
+  def merge(base, override):
+    out = dict(base)
+    for k, v in override.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+  return ml_collections.ConfigDict(merge(base_config(saved["method"]["name"]).to_dict(), saved))
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -142,12 +181,28 @@ def validate(cfg, num_devices: int, num_processes: int = 1) -> None:
     fail(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
   if cfg.model.conv_impl not in ("xla", "patches"):
     fail(f"model.conv_impl must be xla or patches, got {cfg.model.conv_impl!r}")
+  validate_eval(cfg)
   if not cfg.views:
     fail("the config defines no views")
   for name, view in cfg.views.items():
     unknown = set(view) - set(augment.VIEW_DEFAULTS) - {"num"}
     if unknown:
       fail(f"unknown view setting(s) {sorted(unknown)} in views.{name}")
+
+
+def validate_eval(cfg) -> None:
+  """Raises ConfigError (one line) for evaluation settings that cannot run."""
+  if cfg.eval.linear_mode not in ("fast", "paper"):
+    raise ConfigError(f"eval.linear_mode must be fast or paper, got {cfg.eval.linear_mode!r}")
+  for name in ("paper_linear", "finetune", "semi"):
+    p = cfg.eval[name]
+    if len(p.label_fractions) != len(p.epochs) or not all(0 < f <= 1 for f in p.label_fractions):
+      raise ConfigError(f"eval.{name}: label_fractions must be in (0, 1] with one epochs entry each, got "
+                        f"{tuple(p.label_fractions)} and {tuple(p.epochs)}")
+    if p.base_learning_rate <= 0 or p.batch_size <= 0:
+      raise ConfigError(f"eval.{name}: base_learning_rate and batch_size must be > 0")
+    if p.optimizer not in ("sgd", "lars") or p.schedule not in ("cosine", "steps"):
+      raise ConfigError(f"eval.{name}: optimizer must be sgd or lars and schedule cosine or steps")
 
 
 def resolve(cfg, num_train_examples: int) -> ml_collections.ConfigDict:

@@ -11,17 +11,21 @@ from flax import traverse_util
 
 
 def peak_learning_rate(config) -> float:
-  """base_learning_rate scaled by the global batch: `linear` -> base * B / 256 (Goyal et al. 2017; SimCLR,
-  BYOL), `sqrt` -> base * sqrt(B) (SimCLR appendix B.1, for small batches), `none` -> base."""
-  opt = config.optimizer
-  batch = config.batch_size
-  if opt.lr_scaling == "linear":
-    return opt.base_learning_rate * batch / 256
-  if opt.lr_scaling == "sqrt":
-    return opt.base_learning_rate * math.sqrt(batch)
-  if opt.lr_scaling == "none":
-    return opt.base_learning_rate
-  raise ValueError(f"optimizer.lr_scaling must be linear, sqrt or none, got {opt.lr_scaling!r}")
+  """config.optimizer.base_learning_rate scaled by the global batch (see scaled_learning_rate)."""
+  return scaled_learning_rate(config.optimizer.base_learning_rate, config.optimizer.lr_scaling,
+                              config.batch_size)
+
+
+def scaled_learning_rate(base: float, scaling: str, batch: int) -> float:
+  """`linear` -> base * B / 256 (Goyal et al. 2017; SimCLR, BYOL), `sqrt` -> base * sqrt(B) (SimCLR
+  appendix B.1, for small batches), `none` -> base."""
+  if scaling == "linear":
+    return base * batch / 256
+  if scaling == "sqrt":
+    return base * math.sqrt(batch)
+  if scaling == "none":
+    return base
+  raise ValueError(f"lr_scaling must be linear, sqrt or none, got {scaling!r}")
 
 
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end_value: float = 0.0) -> Callable:
@@ -34,6 +38,17 @@ def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end_value: f
     progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
     cosine = end_value + (peak - end_value) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
     return jnp.where(step < warmup_steps, warm, cosine)
+
+  return schedule
+
+
+def step_decay(peak: float, drop_steps, factor: float = 0.1) -> Callable:
+  """`peak`, multiplied by `factor` at each of `drop_steps` (MoCo's linear classification: x0.1 at
+  epochs 60 and 80 of 100)."""
+  drops = jnp.asarray(sorted(drop_steps) or [2**31 - 1], jnp.float32)
+
+  def schedule(step):
+    return peak * factor ** jnp.sum(jnp.asarray(step, jnp.float32) >= drops)
 
   return schedule
 

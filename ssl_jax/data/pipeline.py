@@ -13,7 +13,7 @@ the batches an uninterrupted run sees.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -78,8 +78,10 @@ def shard_split(builder, split: str, shard: int, num_shards: int):
 
 
 def _read(builder, split: str, shard: int, num_shards: int) -> tf.data.Dataset:
-  """One shard's examples as {"image": uint8 [h, w, 3], "label": int32, "index": int64 (global)}."""
+  """One shard's examples as {"image": uint8 [h, w, 3], "label": int32, "index": int64 (global),
+  "file_name": string ("" where the dataset has none)}."""
   has_label = "label" in builder.info.features
+  has_name = "file_name" in builder.info.features
   ds = None
   for split_string, first_index in shard_split(builder, split, shard, num_shards):
     part = builder.as_dataset(split=split_string, shuffle_files=False,
@@ -87,7 +89,7 @@ def _read(builder, split: str, shard: int, num_shards: int) -> tf.data.Dataset:
     ds = part if ds is None else ds.concatenate(part)
   return ds.map(lambda i, ex: {"image": ex["image"],
                                "label": tf.cast(ex["label"], tf.int32) if has_label else tf.constant(-1),
-                               "index": i},
+                               "index": i, "file_name": ex["file_name"] if has_name else tf.constant("")},
                 num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -105,7 +107,8 @@ def num_data_shards(cfg, process_count: int) -> int:
 
 def pretrain_batches(
     cfg, views: Sequence[Dict[str, Any]], local_batch: int, start_step: int = 0,
-    process_index: int = 0, process_count: int = 1) -> Iterator[Dict[str, Any]]:
+    process_index: int = 0, process_count: int = 1, split: Optional[str] = None,
+    keep: Optional[Callable[[Dict[str, tf.Tensor]], tf.Tensor]] = None) -> Iterator[Dict[str, Any]]:
   """Yields numpy batches {"views": tuple of float32 [local_batch, s, s, 3], "label": int32 [local_batch],
   "index": int64 [local_batch]} for steps start_step, start_step + 1, ... of this process.
 
@@ -119,16 +122,21 @@ def pretrain_batches(
   per_shard = local_batch // per_process
   builder = get_builder(cfg.dataset, cfg.data_dir)
   info = datasets.get(cfg.dataset)
-  streams = [_shard_stream(cfg, builder, info, views, shard, shards, per_shard, start_step)
+  streams = [_shard_stream(cfg, builder, split or info.pretrain_split, views, shard, shards, per_shard,
+                           start_step, keep)
              for shard in range(process_index * per_process, (process_index + 1) * per_process)]
   ds = streams[0] if len(streams) == 1 else tf.data.Dataset.zip(tuple(streams)).map(
       lambda *parts: tf.nest.map_structure(lambda *x: tf.concat(x, axis=0), *parts))
   return iter(tfds.as_numpy(ds.prefetch(2).with_options(_options())))
 
 
-def _shard_stream(cfg, builder, info, views, shard: int, num_shards: int, batch: int, start_step: int):
-  """Batches of `batch` augmented examples from one shard, from step `start_step` on."""
-  ds = _read(builder, info.pretrain_split, shard, num_shards)
+def _shard_stream(cfg, builder, split: str, views, shard: int, num_shards: int, batch: int, start_step: int,
+                  keep=None):
+  """Batches of `batch` augmented examples from one shard of `split`, from step `start_step` on."""
+  info = datasets.get(cfg.dataset)
+  ds = _read(builder, split, shard, num_shards)
+  if keep is not None:
+    ds = ds.filter(keep)
   if cfg.cache_dataset:
     ds = ds.cache()
   ds = ds.repeat()

@@ -16,13 +16,15 @@ import ml_collections
 from etils import epath
 
 from ssl_jax import checkpoint as ckpt_lib
+from ssl_jax import config as config_lib
 from ssl_jax import parallel, train
 from ssl_jax.data import datasets, pipeline
 from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate import knn as knn_lib
 from ssl_jax.evaluate import linear as linear_lib
+from ssl_jax.evaluate import subsets, supervised
 
-PROTOCOLS = ("knn", "linear")
+PROTOCOLS = ("knn", "linear", "finetune", "semi")
 
 
 class EvalError(ValueError):
@@ -38,9 +40,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not config_path.exists():
     raise EvalError(f"{config_path} not found: {workdir} is not a training workdir (run ssl_jax.main first)")
   try:
-    return ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    saved = json.loads(config_path.read_text())
   except json.JSONDecodeError as e:
     raise EvalError(f"{config_path} is not valid JSON: {e}")
+  return config_lib.with_defaults(saved)
 
 
 class Encoder:
@@ -48,6 +51,7 @@ class Encoder:
 
   def __init__(self, cfg, mesh):
     from ssl_jax import methods, optim
+    from ssl_jax.methods import base as methods_base
     self.cfg = cfg
     self.mesh = mesh
     self.info = datasets.get(cfg.dataset)
@@ -56,6 +60,9 @@ class Encoder:
     state, _ = train.create_train_state(cfg, self.method, schedule, self.info.num_classes)
     self.initial_state = parallel.replicate(mesh, state)
     self._represent = jax.jit(self.method.represent, out_shardings=parallel.batch_sharded(mesh))
+    # The image-level protocols train in the global view (no shard_map), where batch norm needs no mesh
+    # axis: its statistics over the global batch are global. Same parameter tree as the method's encoder.
+    self.global_encoder = methods_base.build_encoder(cfg, bn_axis_name=None)
 
   def restore(self, workdir: str, step: int):
     """The state saved at `step` (see find_checkpoint); raises EvalError if it cannot be read."""
@@ -67,6 +74,10 @@ class Encoder:
   def features(self, state, split: str):
     represent = lambda x: self._represent(state.params, state.batch_stats, x)
     return features_lib.extract(self.cfg, represent, split, self.mesh, self.cfg.eval.batch_size)
+
+  @staticmethod
+  def encoder_variables(state) -> Dict[str, Any]:
+    return {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]}
 
   def pixel_features(self, split: str):
     return features_lib.extract(self.cfg, features_lib.raw_pixels, split, self.mesh, self.cfg.eval.batch_size)
@@ -100,11 +111,21 @@ def run_protocol(protocol: str, cfg, train_data, test_data) -> Dict[str, Any]:
                                  steps=cfg.eval.linear_steps)
 
 
+def supervised_protocol(protocol: str, cfg) -> Optional[str]:
+  """The eval.<name> settings an image-level protocol trains with, or None for the feature protocols."""
+  if protocol == "linear":
+    return "paper_linear" if cfg.eval.linear_mode == "paper" else None
+  return protocol if protocol in ("finetune", "semi") else None
+
+
 def headline(protocol: str, metrics: Dict[str, Any]) -> float:
-  """The one number a results table shows: kNN top-1 at k=20 (DINO's default) or linear top-1."""
+  """The one number a results table shows: kNN top-1 at k=20 (DINO's default), else top-1 (of the
+  smallest label fraction for semi)."""
   if protocol == "knn":
     return metrics.get("knn_top1_k20", next(iter(metrics.values())))
-  return metrics["linear_top1"]
+  if "linear_top1" in metrics:
+    return metrics["linear_top1"]
+  return metrics["top1"] if "top1" in metrics else next(v for k, v in metrics.items() if k.startswith("top1"))
 
 
 def check_inputs(workdir: str, protocol: str, cfg) -> None:
@@ -116,6 +137,16 @@ def check_inputs(workdir: str, protocol: str, cfg) -> None:
     raise EvalError(str(e))
   if "label" not in builder.info.features:
     raise EvalError(f"dataset {cfg.dataset} has no labels; protocol {protocol} needs a labelled dataset")
+  try:
+    config_lib.validate_eval(cfg)
+    name = supervised_protocol(protocol, cfg)
+    if name:
+      supervised.check_batch(cfg, cfg.eval[name], name, jax.device_count(), jax.process_count())
+      for fraction in cfg.eval[name].label_fractions:
+        if cfg.dataset == "imagenet2012" and fraction != 1.0:
+          subsets.imagenet_file_names(fraction)
+  except (config_lib.ConfigError, ValueError) as e:
+    raise EvalError(str(e))
 
 
 def evaluate(workdir: str, protocol: str, checkpoint: str = "latest", cfg=None, write: bool = True,
@@ -130,17 +161,32 @@ def evaluate(workdir: str, protocol: str, checkpoint: str = "latest", cfg=None, 
   info = encoder.info
   start = time.time()
   results = {}
-  candidates = [("ssl", lambda split: encoder.features(state, split))]
-  if cfg.eval.baselines:
-    candidates += [("random_init", lambda split: encoder.features(encoder.initial_state, split)),
-                   ("raw_pixels", encoder.pixel_features)]
-  for name, featurize in candidates:
-    train_data, test_data = featurize(info.train_split), featurize(info.test_split)
-    results[name] = run_protocol(protocol, cfg, train_data, test_data)
-    results[name]["feature_dim"] = int(train_data[0].shape[1])
+  name = supervised_protocol(protocol, cfg)
+  if name:
+    # Image-level protocols: the SSL encoder, the same encoder at random initialization (for finetune and
+    # semi, supervised training from scratch), and for the frozen probe a linear classifier on raw pixels.
+    candidates = [("ssl", encoder.encoder_variables(state), None)]
+    if cfg.eval.baselines:
+      candidates.append(("random_init", encoder.encoder_variables(encoder.initial_state), None))
+      if not cfg.eval[name].train_encoder:
+        candidates.append(("raw_pixels", None, lambda params, batch_stats, x: features_lib.raw_pixels(x)))
+    for label, variables, represent in candidates:
+      results[label] = supervised.run(cfg, name, encoder.global_encoder, variables, encoder.mesh, label,
+                                      represent)
+    sizes = {"num_train": pipeline.num_examples(pipeline.get_builder(cfg.dataset, cfg.data_dir),
+                                                info.train_split)}
+  else:
+    candidates = [("ssl", lambda split: encoder.features(state, split))]
+    if cfg.eval.baselines:
+      candidates += [("random_init", lambda split: encoder.features(encoder.initial_state, split)),
+                     ("raw_pixels", encoder.pixel_features)]
+    for label, featurize in candidates:
+      train_data, test_data = featurize(info.train_split), featurize(info.test_split)
+      results[label] = run_protocol(protocol, cfg, train_data, test_data)
+      results[label]["feature_dim"] = int(train_data[0].shape[1])
+    sizes = {"num_train": int(len(train_data[1])), "num_test": int(len(test_data[1]))}
   out = {"workdir": str(workdir), "step": step, "protocol": protocol, "dataset": cfg.dataset,
-         "train_split": info.train_split, "test_split": info.test_split,
-         "num_train": int(len(train_data[1])), "num_test": int(len(test_data[1])),
+         "train_split": info.train_split, "test_split": info.test_split, **sizes,
          "settings": cfg.eval.to_dict(), "method": cfg.method.name, "results": results,
          "seconds": time.time() - start}
   if write and jax.process_index() == 0:
@@ -157,7 +203,7 @@ def write_results(workdir: str, out: Dict[str, Any]) -> None:
       "| method | step | protocol | encoder | top-1 (%) | details |", "|---|---|---|---|---|---|"]
   for name, metrics in out["results"].items():
     details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-                        if not isinstance(v, dict))
+                        if not isinstance(v, (dict, list)))
     lines.append(f"| {out['method']} | {out['step']} | {out['protocol']} | {name} | "
                  f"{100 * headline(out['protocol'], metrics):.2f} | {details} |")
   tmp = eval_dir / "results.md.tmp"

@@ -1,0 +1,222 @@
+"""Image-level evaluation protocols: the paper linear probe, fine-tuning, and semi-supervised fine-tuning.
+
+One trainer serves the three, as in SimCLR's code: a linear classifier (zero-initialized, SimCLR's
+`zero_init_logits_layer`) on the encoder's pooled representation, trained with labels on augmented train
+images (random resized crop + horizontal flip), then scored once on the centre-cropped test split.
+* paper_linear: the encoder is frozen in inference mode (running BN statistics) and gradients stop at the
+  representation; only the classifier trains.
+* finetune: the whole encoder trains with the classifier, batch norm in training mode.
+* semi: finetune on a fraction of the labels (ssl_jax/evaluate/subsets.py).
+
+The step is one jit in the global view: state replicated, the batch sharded over the mesh's "data" axis.
+Batch norm reduces over the batch axis of the global array, so its statistics are global (XLA inserts the
+cross-device reduction), and the step computes the same numbers on 1 device, 8 devices or several
+processes (tests/test_evaluate.py). Test batches are padded and masked (pipeline.eval_batches), so every
+test example counts exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Dict, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from ssl_jax import losses, optim, parallel
+from ssl_jax.data import augment, datasets, pipeline
+from ssl_jax.evaluate import features as features_lib
+from ssl_jax.evaluate import subsets
+
+
+@flax.struct.dataclass
+class ClassifierState:
+  """step; params: what trains ({"head"} or {"encoder", "head"}); frozen: the encoder parameters when they
+  do not train; batch_stats: the encoder's BN statistics; opt_state."""
+
+  step: jax.Array
+  params: Any
+  frozen: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def train_view(crop_size: int, crop_scale) -> Dict[str, Any]:
+  """Random resized crop + flip and nothing else: SimCLR's preprocessing for linear evaluation and
+  fine-tuning (`color_distort=False`)."""
+  view = dict(augment.VIEW_DEFAULTS)
+  view.update(crop_size=crop_size, crop_scale=tuple(crop_scale), flip_prob=0.5, color_jitter_prob=0.0,
+              grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
+  return view
+
+
+def schedule_for(p, peak: float, total_steps: int, steps_per_epoch: float) -> Callable:
+  if p.schedule == "steps":
+    return optim.step_decay(peak, [int(round(e * steps_per_epoch)) for e in p.lr_drop_epochs])
+  return optim.warmup_cosine(peak, int(round(p.warmup_epochs * steps_per_epoch)), total_steps)
+
+
+def make_optimizer(p, schedule: Callable, params) -> optax.GradientTransformation:
+  """SGD (Nesterov by default) or LARS with weight decay on weights only (biases and BN excluded)."""
+  shim = ml_collections.ConfigDict(dict(optimizer=dict(
+      name=p.optimizer, weight_decay=p.weight_decay, momentum=p.momentum, nesterov=p.nesterov,
+      trust_coefficient=1e-3, b1=0.9, b2=0.999, exclude_bias_and_norm=True, no_decay_names=())))
+  return optim.create_optimizer(shim, schedule, params)
+
+
+def make_step(encoder: nn.Module, head: nn.Module, tx, schedule: Callable, train_encoder: bool,
+              represent: Callable):
+  """step(state, batch {"image", "label"}) -> (state, metrics). represent(frozen, batch_stats, x) is the
+  frozen representation (used when not train_encoder)."""
+
+  def step(state: ClassifierState, batch):
+    x, y = batch["image"], batch["label"]
+
+    def loss_fn(params):
+      if train_encoder:
+        h, updates = encoder.apply({"params": params["encoder"], "batch_stats": state.batch_stats}, x,
+                                   train=True, mutable=["batch_stats"])
+        batch_stats = updates["batch_stats"]
+      else:
+        h = jax.lax.stop_gradient(represent(state.frozen, state.batch_stats, x))
+        batch_stats = state.batch_stats
+      logits = head.apply({"params": params["head"]}, h.astype(jnp.float32))
+      return losses.softmax_cross_entropy(logits, y), (batch_stats, logits)
+
+    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+               "learning_rate": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), metrics
+
+  return step
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+  top = np.argsort(-logits, axis=1)[:, :k]
+  return float(np.mean(np.any(top == labels[:, None], axis=1)))
+
+
+def check_batch(cfg, p, name: str, num_devices: int, num_processes: int) -> None:
+  """Raises ValueError (one line) when the protocol's batch cannot be split over devices and processes."""
+  if p.batch_size % num_devices or p.batch_size % num_processes:
+    raise ValueError(f"eval.{name}.batch_size={p.batch_size} is not divisible by the {num_devices} devices "
+                     f"and {num_processes} processes; pass --config.eval.{name}.batch_size=N")
+
+
+def build(p, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, schedule: Callable, info, seed: int,
+          represent: Optional[Callable] = None, feature_dim: Optional[int] = None):
+  """(initial state replicated on the mesh, jitted step, jitted predict(state, x) -> logits) of one
+  protocol's classifier. variables: the encoder's {"params", "batch_stats"}, or None with a custom
+  `represent(params, batch_stats, x)` (the raw-pixel baseline)."""
+  train_encoder = bool(p.train_encoder)
+  if represent is None:
+    represent = lambda params, batch_stats, x: encoder.apply({"params": params, "batch_stats": batch_stats},
+                                                             x, train=False)
+  if feature_dim is None:
+    x0 = jnp.zeros((1, info.image_size, info.image_size, 3))
+    feature_dim = jax.eval_shape(represent, variables["params"] if variables else None,
+                                 variables["batch_stats"] if variables else None, x0).shape[-1]
+  head = nn.Dense(info.num_classes, kernel_init=nn.initializers.zeros, name="head")
+  params = {"head": head.init(jax.random.key(seed), jnp.zeros((1, feature_dim)))["params"]}
+  frozen = variables["params"] if variables else {}
+  if train_encoder:
+    params["encoder"], frozen = frozen, {}
+  tx = make_optimizer(p, schedule, params)
+  state = ClassifierState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                          batch_stats=variables["batch_stats"] if variables else {}, opt_state=tx.init(params))
+  state = parallel.replicate(mesh, state)
+  step_fn = jax.jit(make_step(encoder, head, tx, schedule, train_encoder, represent),
+                    in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                    out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)), donate_argnums=0)
+
+  def predict(state, x):
+    if train_encoder:
+      h = encoder.apply({"params": state.params["encoder"], "batch_stats": state.batch_stats}, x, train=False)
+    else:
+      h = represent(state.frozen, state.batch_stats, x)
+    return head.apply({"params": state.params["head"]}, h.astype(jnp.float32))
+
+  return state, step_fn, jax.jit(predict, out_shardings=parallel.batch_sharded(mesh))
+
+
+def train_and_score(cfg, protocol: str, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh,
+                    fraction: float, epochs: float, label: str,
+                    represent: Optional[Callable] = None, feature_dim: Optional[int] = None) -> Dict[str, Any]:
+  """Trains the classifier of `protocol` (paper_linear, finetune or semi) on `fraction` of the labels,
+  starting from the encoder `variables` ({"params", "batch_stats"}; None with a custom `represent`, the
+  raw-pixel baseline), and scores it on the test split."""
+  p = cfg.eval[protocol]
+  info = datasets.get(cfg.dataset)
+  builder = pipeline.get_builder(cfg.dataset, cfg.data_dir)
+  keep, num_labelled, subset_desc = subsets.subset_filter(cfg.dataset, builder, info.train_split, fraction,
+                                                          cfg.seed)
+  steps_per_epoch = num_labelled / p.batch_size
+  total_steps = p.total_steps or max(1, int(math.floor(epochs * steps_per_epoch)))
+  peak = optim.scaled_learning_rate(p.base_learning_rate, p.lr_scaling, p.batch_size)
+  schedule = schedule_for(p, peak, total_steps, steps_per_epoch)
+
+  state, step_fn, predict = build(p, encoder, variables, mesh, schedule, info, cfg.seed, represent,
+                                  feature_dim)
+  local_batch = p.batch_size // jax.process_count()
+  batches = pipeline.pretrain_batches(cfg, [train_view(info.image_size, p.crop_scale)], local_batch, 0,
+                                      jax.process_index(), jax.process_count(), split=info.train_split,
+                                      keep=keep)
+  start = time.time()
+  metrics, last_loss = None, float("nan")
+  for step in range(1, total_steps + 1):
+    batch = next(batches)
+    state, metrics = step_fn(state, parallel.to_global(mesh, {"image": batch["views"][0],
+                                                              "label": batch["label"]}))
+    if step % p.log_every_steps == 0 or step == total_steps:
+      m = jax.device_get(metrics)
+      last_loss = float(m["loss"])
+      if not np.isfinite(last_loss):
+        raise FloatingPointError(f"{protocol} ({label}): loss became {last_loss} at step {step}")
+      now = time.time()
+      eta = (total_steps - step) * (now - start) / step
+      if jax.process_index() == 0:
+        logging.info("%s %s: step %d/%d loss %.4f train acc %.3f lr %.4g ETA %ds", protocol, label, step,
+                     total_steps, last_loss, float(m["accuracy"]), float(m["learning_rate"]), eta)
+  train_seconds = time.time() - start
+
+  logits, labels = features_lib.extract(cfg, lambda x: predict(state, x), info.test_split, mesh,
+                                        cfg.eval.batch_size)
+  out = {"top1": topk_accuracy(logits, labels, 1), "num_labelled": int(num_labelled), "subset": subset_desc,
+         "label_fraction": float(fraction), "epochs": total_steps * p.batch_size / num_labelled,
+         "steps": int(total_steps),
+         "batch_size": int(p.batch_size), "peak_learning_rate": float(peak), "final_train_loss": last_loss,
+         "train_seconds": train_seconds}
+  if info.num_classes > 5:
+    out["top5"] = topk_accuracy(logits, labels, 5)
+  return out
+
+
+def run(cfg, protocol: str, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, name: str,
+        represent: Optional[Callable] = None, feature_dim: Optional[int] = None) -> Dict[str, Any]:
+  """Every label fraction of `protocol` for one encoder; metrics keyed "top1" (one fraction) or
+  "top1_<pct>pct" (several), plus the settings of each run."""
+  p = cfg.eval[protocol]
+  results: Dict[str, Any] = {}
+  fractions = list(zip(p.label_fractions, p.epochs))
+  runs = []
+  for fraction, epochs in fractions:
+    label = f"{name} {fraction:.0%} labels"
+    r = train_and_score(cfg, protocol, encoder, variables, mesh, fraction, epochs, label, represent,
+                        feature_dim)
+    suffix = "" if len(fractions) == 1 else f"_{fraction * 100:g}pct"
+    for key in ("top1", "top5"):
+      if key in r:
+        results[key + suffix] = r.pop(key)
+    runs.append(r)
+  results["runs"] = runs  # the settings and training figures of each fraction's run
+  return results

@@ -1,0 +1,112 @@
+"""Image-level evaluation protocols (paper linear probe, fine-tune, semi-supervised): the sharded step equals
+the single-device step, the frozen probe leaves the encoder alone, the classifier learns, and the labelled
+subsets are what the protocol says."""
+
+import gzip
+import hashlib
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from ssl_jax import config as config_lib
+from ssl_jax import optim, parallel
+from ssl_jax.data import datasets, pipeline
+from ssl_jax.data.datasets import EMBEDDED_DATA_DIR
+from ssl_jax.evaluate import features, subsets, supervised
+from ssl_jax.methods import base as methods_base
+
+
+def tiny_config():
+  cfg = config_lib.load(f"{REPO}/configs/simclr.py:cifar10,tiny")
+  cfg.data_dir = EMBEDDED_DATA_DIR
+  cfg.model.width = 8
+  cfg.shuffle_buffer = 512
+  return cfg
+
+
+def random_batch(n=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"image": rng.random((n, 32, 32, 3), dtype=np.float32), "label": rng.integers(0, 10, n).astype(np.int32)}
+
+
+def run_steps(cfg, protocol, mesh, num_steps=2):
+  p = cfg.eval[protocol]
+  encoder = methods_base.build_encoder(cfg, bn_axis_name=None)
+  variables = encoder.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
+  schedule = optim.warmup_cosine(1.0, 0, 10)
+  state, step_fn, _ = supervised.build(p, encoder, dict(variables), mesh, schedule,
+                                       datasets.get("cifar10"), seed=0)
+  losses = []
+  for i in range(num_steps):
+    state, metrics = step_fn(state, parallel.to_global(mesh, random_batch(seed=i)))
+    losses.append(float(metrics["loss"]))
+  return jax.device_get(state), losses, variables
+
+
+@pytest.mark.parametrize("protocol", ["finetune", "paper_linear"])
+def test_sharded_step_equals_single_device(protocol):
+  cfg = tiny_config()
+  one, losses1, _ = run_steps(cfg, protocol, parallel.make_mesh(jax.devices()[:1]))
+  eight, losses8, variables = run_steps(cfg, protocol, parallel.make_mesh())
+  np.testing.assert_allclose(losses1, losses8, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((one.params, one.batch_stats)), jax.tree.leaves((eight.params, eight.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  if protocol == "paper_linear":
+    # Frozen: the encoder is not among the trained parameters and keeps its weights and BN statistics.
+    assert set(one.params) == {"head"}
+    for a, b in zip(jax.tree.leaves((one.frozen, one.batch_stats)),
+                    jax.tree.leaves((variables["params"], variables["batch_stats"]))):
+      np.testing.assert_array_equal(a, b)
+  else:
+    assert set(one.params) == {"encoder", "head"}
+    changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(one.batch_stats),
+                                                       jax.tree.leaves(variables["batch_stats"]))]
+    assert all(changed)  # batch norm ran in training mode and updated every running statistic
+
+
+def test_paper_linear_on_raw_pixels_learns():
+  cfg = tiny_config()
+  p = cfg.eval.paper_linear
+  p.update(total_steps=60, batch_size=256, log_every_steps=60, base_learning_rate=0.4)
+  r = supervised.train_and_score(cfg, "paper_linear", None, None, parallel.make_mesh(), 1.0, 1.0, "raw",
+                                 represent=lambda params, batch_stats, x: features.raw_pixels(x))
+  assert r["steps"] == 60 and r["num_labelled"] == 4000
+  assert r["top1"] > 0.2, r  # chance is 0.1; the fast probe on raw pixels scores about 0.31
+  assert r["top5"] > r["top1"]
+
+
+def test_balanced_subset_is_deterministic_and_class_balanced():
+  labels = np.repeat(np.arange(10), 400)
+  a = subsets.balanced_indices(labels, 0.01, seed=0)
+  assert np.bincount(labels[a]).tolist() == [4] * 10
+  np.testing.assert_array_equal(a, subsets.balanced_indices(labels, 0.01, seed=0))
+  assert not np.array_equal(a, subsets.balanced_indices(labels, 0.01, seed=1))
+  assert len(subsets.balanced_indices(labels, 0.001, seed=0)) == 10  # at least one per class
+
+
+def test_subset_stream_reads_only_the_subset():
+  cfg = tiny_config()
+  builder = pipeline.get_builder(cfg.dataset, cfg.data_dir)
+  keep, n, _ = subsets.subset_filter("cifar10", builder, "train", 0.01, seed=0)
+  chosen = set(subsets.balanced_indices(subsets.train_labels(builder, "train"), 0.01, seed=0).tolist())
+  assert n == 40 and len(chosen) == 40
+  batches = pipeline.pretrain_batches(cfg, [supervised.train_view(32, (0.08, 1.0))], 32, split="train",
+                                      keep=keep)
+  seen = set()
+  for _ in range(3):
+    seen |= set(next(batches)["index"].tolist())
+  assert seen == chosen  # 96 draws from 40 examples: every one of them, and nothing else
+
+
+def test_imagenet_subset_lists_are_simclrs():
+  names = subsets.imagenet_file_names(0.01)
+  assert len(names) == 12811 and len(set(names)) == 12811 and names[0] == "n04235860_14959.JPEG"
+  assert len(subsets.imagenet_file_names(0.1)) == 128116
+  # sha256 of the published text files (google-research/simclr imagenet_subsets/, commit 383d4143).
+  digests = {f: hashlib.sha256(gzip.open(subsets.IMAGENET_SUBSETS_DIR / f).read()).hexdigest()[:16]
+             for f in ("1percent.txt.gz", "10percent.txt.gz")}
+  assert digests == {"1percent.txt.gz": "71e82a48ba782526", "10percent.txt.gz": "6d09de11e7bdaf5b"}
+  with pytest.raises(subsets.SubsetError, match="published with SimCLR"):
+    subsets.imagenet_file_names(0.05)
