@@ -40,6 +40,11 @@ def get_config(arg=None):
     cfg.method.update(base_ema=0.996, proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096)
     config_lib.add_view(cfg, "view1", crop_size=224, blur_prob=1.0, solarize_prob=0.0, **jitter)
     config_lib.add_view(cfg, "view2", crop_size=224, blur_prob=0.1, solarize_prob=0.2, **jitter)
+    # BYOL appendix C.1: Nesterov SGD, batch 1024, 80 epochs, no weight decay, lr picked from
+    # {0.4, 0.3, 0.2, 0.1, 0.05} on a validation split held out from train; 0.2 is the default here.
+    config_lib.imagenet_eval(cfg)
+    cfg.eval.paper_linear.update(epochs=(80.0,), batch_size=1024, base_learning_rate=0.2, lr_scaling="none",
+                                 weight_decay=0.0)
   else:
     cfg.dataset = "cifar10"
     cfg.batch_size = 256
@@ -51,6 +56,7 @@ def get_config(arg=None):
     # No blur at 32x32 (SimCLR appendix B.9); solarization kept asymmetric.
     config_lib.add_view(cfg, "view1", crop_size=32, blur_prob=0.0, solarize_prob=0.0, **jitter)
     config_lib.add_view(cfg, "view2", crop_size=32, blur_prob=0.0, solarize_prob=0.2, **jitter)
+    config_lib.cifar10_eval(cfg)
 
   if "tiny" in variants:
     config_lib.apply_tiny(cfg)

@@ -15,8 +15,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ssl_jax.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError, ValueError):
   pass
 
 

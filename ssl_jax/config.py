@@ -15,10 +15,11 @@ from typing import Iterable, Set
 import ml_collections
 
 from ssl_jax import methods
-from ssl_jax.data import augment, datasets
+from ssl_jax.data import datasets, views
+from ssl_jax.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config that cannot run; the message is one actionable line."""
 
 
@@ -88,6 +89,20 @@ def supervised_protocol(**settings) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def imagenet_eval(cfg) -> None:
+  """ImageNet: the linear probe trains on images (the fast probe's cached features and vmapped logits of
+  1.28M x 1000 classes x a grid do not fit a host)."""
+  cfg.eval.linear_mode = "paper"
+
+
+def cifar10_eval(cfg) -> None:
+  """CIFAR-10 image-level protocols: the linear head of the official SimCLR README's CIFAR-10 example
+  (Nesterov SGD, batch 512, lr 0.1 x B/256, no weight decay, 100 epochs), the same batch for fine-tuning."""
+  cfg.eval.paper_linear.update(epochs=(100.0,), batch_size=512, base_learning_rate=0.1, weight_decay=0.0)
+  cfg.eval.finetune.batch_size = 512
+  cfg.eval.semi.batch_size = 512
+
+
 def with_defaults(saved: dict) -> ml_collections.ConfigDict:
   """A config saved by an earlier run (config.json), with keys added to the schema since then filled in
   from base_config of its method, so evaluation settings introduced later apply to older workdirs."""
@@ -110,10 +125,10 @@ def load(spec: str) -> ml_collections.ConfigDict:
 
 def add_view(cfg, name: str, num: int = 1, **settings) -> None:
   """Adds a view recipe `cfg.views.<name>` used `num` times per image; settings are augment view keys."""
-  unknown = set(settings) - set(augment.VIEW_DEFAULTS)
+  unknown = set(settings) - set(views.VIEW_DEFAULTS)
   if unknown:
     raise ConfigError(f"unknown view setting(s) {sorted(unknown)} for view {name!r}")
-  view = dict(augment.VIEW_DEFAULTS)
+  view = dict(views.VIEW_DEFAULTS)
   view.update(settings)
   view["num"] = num
   with cfg.views.unlocked():
@@ -185,7 +200,7 @@ def validate(cfg, num_devices: int, num_processes: int = 1) -> None:
   if not cfg.views:
     fail("the config defines no views")
   for name, view in cfg.views.items():
-    unknown = set(view) - set(augment.VIEW_DEFAULTS) - {"num"}
+    unknown = set(view) - set(views.VIEW_DEFAULTS) - {"num"}
     if unknown:
       fail(f"unknown view setting(s) {sorted(unknown)} in views.{name}")
 

@@ -9,6 +9,8 @@ import threading
 
 from absl import flags
 
+from ssl_jax.errors import UserError
+
 _COORDINATOR = None
 _NUM_PROCESSES = None
 _PROCESS_ID = None
@@ -109,12 +111,7 @@ def _exit_with(message: str):
 def user_errors_exit():
   """Errors caused by the user's input (config, data, checkpoints, a diverging loss) end the program with
   one line on stderr and exit code 2 instead of a traceback."""
-  from ssl_jax.checkpoint import CheckpointError
-  from ssl_jax.config import ConfigError
-  from ssl_jax.data.pipeline import DataError
-  from ssl_jax.evaluate.run import EvalError
-  from ssl_jax.train import NonFiniteLossError
   try:
     yield
-  except (ConfigError, DataError, CheckpointError, NonFiniteLossError, EvalError) as e:
+  except UserError as e:
     _exit_with(str(e))

@@ -12,7 +12,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssl_jax import distributed, train
+from ssl_jax import config as config_lib
+from ssl_jax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py:<variant>", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and config.json")
@@ -27,6 +28,10 @@ def main(argv):
     sys.exit("error: --config and --workdir are required")
   with distributed.user_errors_exit():
     distributed.initialize_from_flags()
+    import jax
+    config_lib.validate(_CONFIG.value, jax.device_count(), jax.process_count())
+    # TensorFlow and the input pipeline load only now: a bad config is rejected in a second or two.
+    from ssl_jax import train
     train.train(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT.value)
 
 

@@ -28,10 +28,11 @@ from ssl_jax import config as config_lib
 from ssl_jax import losses, methods, optim, parallel
 from ssl_jax import metrics as metrics_lib
 from ssl_jax.data import datasets, pipeline
+from ssl_jax.errors import UserError
 from ssl_jax.state import TrainState
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
   pass
 
 

@@ -133,8 +133,22 @@ def _corrupt(workdir):
   return bad
 
 
+def test_semi_supervised_protocol_writes_results(trained_workdir):
+  cfg = run.load_config(str(trained_workdir))
+  cfg.eval.baselines = False
+  cfg.eval.semi.update(label_fractions=(0.01, 0.1), epochs=(1.0, 1.0), batch_size=32, total_steps=2)
+  out = run.evaluate(str(trained_workdir), "semi", cfg=cfg)
+  ssl = out["results"]["ssl"]
+  assert {"top1_1pct", "top1_10pct", "top5_1pct", "top5_10pct"} <= set(ssl)
+  assert [r["num_labelled"] for r in ssl["runs"]] == [40, 400] and all(r["steps"] == 2 for r in ssl["runs"])
+  saved = json.loads((trained_workdir / "eval" / "semi_2.json").read_text())
+  assert saved["results"]["ssl"]["top1_1pct"] == ssl["top1_1pct"]
+  assert saved["settings"]["semi"]["label_fractions"] == [0.01, 0.1]
+  assert "| simclr | 2 | semi | ssl |" in (trained_workdir / "eval" / "results.md").read_text()
+
+
 @pytest.mark.parametrize("case", ["missing_workdir", "no_config", "unknown_protocol", "missing_step",
-                                  "corrupt", "no_labels"])
+                                  "corrupt", "no_labels", "eval_batch"])
 def test_evaluate_bad_input(case, trained_workdir, tmp_path):
   workdir = trained_workdir
   args = ["--protocol=knn"]
@@ -148,6 +162,8 @@ def test_evaluate_bad_input(case, trained_workdir, tmp_path):
     args, message = ["--protocol=knn", "--checkpoint=7"], "no checkpoint at step 7"
   elif case == "corrupt":
     workdir, message = _corrupt(trained_workdir), "cannot restore checkpoint step 2"
+  elif case == "eval_batch":
+    args, message = ["--protocol=finetune", "--config.eval.finetune.batch_size=12"], "is not divisible"
   else:
     no_labels = tmp_path / "tfds"
     shutil.copytree(EMBEDDED_DATA_DIR, no_labels)

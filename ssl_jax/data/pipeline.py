@@ -21,12 +21,13 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from ssl_jax.data import augment, datasets
+from ssl_jax.errors import UserError
 
 # The input pipeline runs on the host CPU; TF must not claim accelerators that JAX uses.
 tf.config.set_visible_devices([], "GPU")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Missing or unreadable data; the message names the path and how to prepare it."""
 
 

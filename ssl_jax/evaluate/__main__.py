@@ -1,4 +1,4 @@
-"""python -m ssl_jax.evaluate --workdir=DIR --protocol=knn|linear [--checkpoint=latest|STEP]
+"""python -m ssl_jax.evaluate --workdir=DIR --protocol=knn|linear|finetune|semi [--checkpoint=latest|STEP]
 [--config.key=value ...]
 
 The config is the one the run saved (DIR/config.json); --config.key=value overrides it, e.g.

@@ -23,11 +23,12 @@ from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate import knn as knn_lib
 from ssl_jax.evaluate import linear as linear_lib
 from ssl_jax.evaluate import subsets, supervised
+from ssl_jax.errors import UserError
 
 PROTOCOLS = ("knn", "linear", "finetune", "semi")
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
   """Bad evaluation input; the message is one actionable line."""
 
 
