@@ -83,23 +83,8 @@ def simclr_config(args, conv_impl: str = "xla"):
   config.batch_size = args.batch_size
   config.model.width = args.width
   config.data_dir = args.data_dir
-  if "conv_impl" in config.model:
-    config.model.conv_impl = conv_impl
+  config.model.conv_impl = conv_impl
   return config
-
-
-def build_method_with_conv_impl(config, conv_impl: str):
-  """A context manager under which `methods.get(config)` builds a ResNet with `conv_impl`.
-
-  Until the config schema has model.conv_impl (and methods/base.py passes it on), the ResNet attribute is
-  set by wrapping models.create_resnet; with the key present, the config alone selects it."""
-  import contextlib
-  from unittest import mock
-
-  from ssl_jax import models
-  if "conv_impl" in config.model:
-    return contextlib.nullcontext()
-  return mock.patch.object(models, "create_resnet", functools.partial(models.create_resnet, conv_impl=conv_impl))
 
 
 # ----------------------------------------------------------------------------------------------- ssl_jax
@@ -119,8 +104,7 @@ def jax_column(args, conv_impl: str):
   from ssl_jax import parallel, train
   config = simclr_config(args, conv_impl)
   mesh = parallel.make_mesh()
-  with build_method_with_conv_impl(config, conv_impl):
-    config, method, state, step_fn, _ = train.build(config, mesh, num_train_examples=50_000, num_classes=10)
+  config, method, state, step_fn, _ = train.build(config, mesh, num_train_examples=50_000, num_classes=10)
   assert method.encoder.conv_impl == conv_impl, (method.encoder.conv_impl, conv_impl)
   batch = parallel.to_global(mesh, random_batch(args.batch_size))
 

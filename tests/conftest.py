@@ -41,3 +41,15 @@ def data_dir():
   embedded in the repository (same format), so end-to-end tests run on a fresh clone."""
   from ssl_jax.data.datasets import EMBEDDED_DATA_DIR
   return str(SHARED_TFDS) if (SHARED_TFDS / "cifar10").exists() else EMBEDDED_DATA_DIR
+
+
+# The longest files first. Under `pytest -n 2 --dist loadfile` each file runs on one worker and files are
+# handed out in collection order, two at a time: starting the long ones first keeps both workers busy to
+# the end instead of leaving one file running alone. Order within a file is unchanged.
+LONGEST_FIRST = ("test_multihost.py", "test_train.py", "test_evaluate.py", "test_notebook.py",
+                 "test_supervised.py", "test_sharding.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
