@@ -31,25 +31,32 @@ def write_json_atomic(path: str, obj: Any) -> None:
   tmp.replace(path)
 
 
+def absolute(path: str) -> epath.Path:
+  """`path` made absolute: orbax's tensorstore writer rejects a relative path (`--workdir=workdirs/x` failed
+  at the first save). Paths with a scheme (gs://) are left as they are."""
+  if "://" not in str(path):
+    path = os.path.abspath(path)
+  return epath.Path(path)
+
+
 def checkpoint_dir(workdir: str) -> epath.Path:
-  # Absolute: orbax's tensorstore writer rejects a relative path (`--workdir=workdirs/x` would fail at
-  # the first save). Paths with a scheme (gs://) are left as they are.
-  if "://" not in str(workdir):
-    workdir = os.path.abspath(workdir)
-  return epath.Path(workdir) / "checkpoints"
+  return absolute(workdir) / "checkpoints"
 
 
 class Manager:
   """The workdir's checkpoints: save every N steps and at the end, keep the last k, restore the latest."""
 
-  def __init__(self, workdir: str, config, create: bool = True):
+  def __init__(self, workdir: str, config, create: bool = True, directory: Optional[str] = None):
+    """directory: where the checkpoints go instead of WORKDIR/checkpoints (evaluation runs keep theirs
+    under WORKDIR/eval/checkpoints/)."""
     self.config = config
     # Synchronous saves: with async saves, a checkpoint of this loop was seen still uncommitted minutes
     # after it was started (the background commit starved by the training loop on 2 CPU cores), so a
     # kill in that window would lose it. A save is small next to the steps between saves.
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=create,
                                            enable_async_checkpointing=False)
-    self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+    path = checkpoint_dir(workdir) if directory is None else absolute(directory)
+    self._manager = ocp.CheckpointManager(path, options=options,
                                           item_names=("state", "config"))
 
   def latest_step(self) -> Optional[int]:

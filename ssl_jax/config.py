@@ -81,7 +81,7 @@ def supervised_protocol(**settings) -> ml_collections.ConfigDict:
   out = dict(train_encoder=False, label_fractions=(1.0,), epochs=(90.0,), total_steps=0, batch_size=4096,
              optimizer="sgd", base_learning_rate=0.1, lr_scaling="linear", weight_decay=0.0, momentum=0.9,
              nesterov=True, warmup_epochs=0.0, schedule="cosine", lr_drop_epochs=(), crop_scale=(0.08, 1.0),
-             log_every_steps=50)
+             log_every_steps=50, checkpoint_every_steps=1000)
   unknown = set(settings) - set(out)
   if unknown:
     raise ConfigError(f"unknown evaluation protocol setting(s) {sorted(unknown)}")

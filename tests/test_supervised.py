@@ -4,6 +4,7 @@ subsets are what the protocol says."""
 
 import gzip
 import hashlib
+import shutil
 
 import jax
 import numpy as np
@@ -75,6 +76,24 @@ def test_paper_linear_on_raw_pixels_learns():
   assert r["steps"] == 60 and r["num_labelled"] == 4000
   assert r["top1"] > 0.2, r  # chance is 0.1; the fast probe on raw pixels scores about 0.31
   assert r["top5"] > r["top1"]
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+  cfg = tiny_config()
+  cfg.eval.paper_linear.update(total_steps=4, batch_size=64, log_every_steps=1, checkpoint_every_steps=2)
+  raw = lambda params, batch_stats, x: features.raw_pixels(x)
+
+  def run(directory):
+    return supervised.train_and_score(cfg, "paper_linear", None, None, parallel.make_mesh(), 1.0, 1.0, "raw",
+                                      represent=raw, checkpoint_dir=str(directory))
+
+  whole = run(tmp_path / "a")
+  run(tmp_path / "b")
+  shutil.rmtree(tmp_path / "b" / "4")  # as if killed between the checkpoints at steps 2 and 4
+  assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["2"]
+  resumed = run(tmp_path / "b")
+  for key in ("top1", "top5", "final_train_loss"):
+    assert resumed[key] == whole[key], key
 
 
 def test_balanced_subset_is_deterministic_and_class_balanced():

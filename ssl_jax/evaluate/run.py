@@ -7,6 +7,7 @@ computed or written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any, Dict, Optional
@@ -112,6 +113,13 @@ def run_protocol(protocol: str, cfg, train_data, test_data) -> Dict[str, Any]:
                                  steps=cfg.eval.linear_steps)
 
 
+def settings_digest(settings, seed: int) -> str:
+  """8 hex digits naming a protocol's settings and the seed (log and checkpoint cadence excluded)."""
+  d = {k: v for k, v in settings.to_dict().items() if k not in ("log_every_steps", "checkpoint_every_steps")}
+  d["seed"] = seed
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def supervised_protocol(protocol: str, cfg) -> Optional[str]:
   """The eval.<name> settings an image-level protocol trains with, or None for the feature protocols."""
   if protocol == "linear":
@@ -172,8 +180,12 @@ def evaluate(workdir: str, protocol: str, checkpoint: str = "latest", cfg=None, 
       if not cfg.eval[name].train_encoder:
         candidates.append(("raw_pixels", None, lambda params, batch_stats, x: features_lib.raw_pixels(x)))
     for label, variables, represent in candidates:
+      # Each run checkpoints under DIR/eval/checkpoints/<protocol>_<step>/: re-running the same command
+      # after an interruption resumes it. The settings are part of the name, so a changed setting starts
+      # afresh instead of resuming a different run.
+      root = str(epath.Path(workdir) / "eval" / "checkpoints" / f"{name}_{step}_{settings_digest(cfg.eval[name], cfg.seed)}")
       results[label] = supervised.run(cfg, name, encoder.global_encoder, variables, encoder.mesh, label,
-                                      represent)
+                                      represent, checkpoint_root=root)
     sizes = {"num_train": pipeline.num_examples(pipeline.get_builder(cfg.dataset, cfg.data_dir),
                                                 info.train_split)}
   else:

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import losses, optim, parallel
 from ssl_jax.data import augment, datasets, pipeline
 from ssl_jax.evaluate import features as features_lib
@@ -151,10 +152,16 @@ def build(p, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, sche
 
 def train_and_score(cfg, protocol: str, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh,
                     fraction: float, epochs: float, label: str,
-                    represent: Optional[Callable] = None, feature_dim: Optional[int] = None) -> Dict[str, Any]:
+                    represent: Optional[Callable] = None, feature_dim: Optional[int] = None,
+                    checkpoint_dir: Optional[str] = None) -> Dict[str, Any]:
   """Trains the classifier of `protocol` (paper_linear, finetune or semi) on `fraction` of the labels,
   starting from the encoder `variables` ({"params", "batch_stats"}; None with a custom `represent`, the
-  raw-pixel baseline), and scores it on the test split."""
+  raw-pixel baseline), and scores it on the test split.
+
+  checkpoint_dir: where the run saves its state every eval.<protocol>.checkpoint_every_steps and at the
+  end; a run started again with the same directory resumes from its latest checkpoint (the input stream
+  skips what was consumed), so an interrupted 90-epoch probe loses at most those steps and its numbers
+  equal an uninterrupted run's (tested)."""
   p = cfg.eval[protocol]
   info = datasets.get(cfg.dataset)
   builder = pipeline.get_builder(cfg.dataset, cfg.data_dir)
@@ -167,13 +174,19 @@ def train_and_score(cfg, protocol: str, encoder: nn.Module, variables: Optional[
 
   state, step_fn, predict = build(p, encoder, variables, mesh, schedule, info, cfg.seed, represent,
                                   feature_dim)
+  manager, start_step = None, 0
+  if checkpoint_dir is not None:
+    manager = ckpt_lib.Manager(None, cfg, directory=checkpoint_dir)
+    state, start_step = manager.restore_latest(state)
+    if start_step:
+      logging.info("%s %s: resumed from step %d", protocol, label, start_step)
   local_batch = p.batch_size // jax.process_count()
-  batches = pipeline.pretrain_batches(cfg, [train_view(info.image_size, p.crop_scale)], local_batch, 0,
-                                      jax.process_index(), jax.process_count(), split=info.train_split,
-                                      keep=keep)
+  batches = pipeline.pretrain_batches(cfg, [train_view(info.image_size, p.crop_scale)], local_batch,
+                                      start_step, jax.process_index(), jax.process_count(),
+                                      split=info.train_split, keep=keep)
   start = time.time()
   metrics, last_loss = None, float("nan")
-  for step in range(1, total_steps + 1):
+  for step in range(start_step + 1, total_steps + 1):
     batch = next(batches)
     state, metrics = step_fn(state, parallel.to_global(mesh, {"image": batch["views"][0],
                                                               "label": batch["label"]}))
@@ -183,10 +196,12 @@ def train_and_score(cfg, protocol: str, encoder: nn.Module, variables: Optional[
       if not np.isfinite(last_loss):
         raise FloatingPointError(f"{protocol} ({label}): loss became {last_loss} at step {step}")
       now = time.time()
-      eta = (total_steps - step) * (now - start) / step
+      eta = (total_steps - step) * (now - start) / (step - start_step)
       if jax.process_index() == 0:
         logging.info("%s %s: step %d/%d loss %.4f train acc %.3f lr %.4g ETA %ds", protocol, label, step,
                      total_steps, last_loss, float(m["accuracy"]), float(m["learning_rate"]), eta)
+    if manager is not None and (step % p.checkpoint_every_steps == 0 or step == total_steps):
+      manager.save(step, state)
   train_seconds = time.time() - start
 
   logits, labels = features_lib.extract(cfg, lambda x: predict(state, x), info.test_split, mesh,
@@ -202,17 +217,20 @@ def train_and_score(cfg, protocol: str, encoder: nn.Module, variables: Optional[
 
 
 def run(cfg, protocol: str, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, name: str,
-        represent: Optional[Callable] = None, feature_dim: Optional[int] = None) -> Dict[str, Any]:
+        represent: Optional[Callable] = None, feature_dim: Optional[int] = None,
+        checkpoint_root: Optional[str] = None) -> Dict[str, Any]:
   """Every label fraction of `protocol` for one encoder; metrics keyed "top1" (one fraction) or
-  "top1_<pct>pct" (several), plus the settings of each run."""
+  "top1_<pct>pct" (several), plus the settings of each run. Each run checkpoints under
+  checkpoint_root/<name>_<pct>pct when checkpoint_root is given."""
   p = cfg.eval[protocol]
   results: Dict[str, Any] = {}
   fractions = list(zip(p.label_fractions, p.epochs))
   runs = []
   for fraction, epochs in fractions:
     label = f"{name} {fraction:.0%} labels"
+    directory = None if checkpoint_root is None else f"{checkpoint_root}/{name}_{fraction * 100:g}pct"
     r = train_and_score(cfg, protocol, encoder, variables, mesh, fraction, epochs, label, represent,
-                        feature_dim)
+                        feature_dim, directory)
     suffix = "" if len(fractions) == 1 else f"_{fraction * 100:g}pct"
     for key in ("top1", "top5"):
       if key in r:
