@@ -28,6 +28,8 @@ def get_config(arg=None):
   cfg.model.update(depth=18, width=16, cifar_stem=True, conv_impl="patches")
   cfg.optimizer.update(name="lars", base_learning_rate=1.0, lr_scaling="linear", weight_decay=1e-6,
                        warmup_epochs=1.0)
-  cfg.method.update(temperature=0.5, proj_hidden_dim=512, proj_dim=128, proj_layers=2)
+  # Temperature 0.2 (solo-learn's SimCLR CIFAR setting) rather than the SimCLR README's CIFAR 0.5: with
+  # this short schedule it gave kNN 38.3 against 35.8 at step 375 (same run otherwise; README).
+  cfg.method.update(temperature=0.2, proj_hidden_dim=512, proj_dim=128, proj_layers=2)
   config_lib.add_view(cfg, "view", num=2, crop_size=32, color_jitter_strength=0.5, blur_prob=0.0)
   return cfg

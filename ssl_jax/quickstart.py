@@ -32,12 +32,12 @@ def knn_curve(workdir, cfg, encoder):
   info = encoder.info
   k = 20
   curve = []
-  states = [(0, encoder.initial_state)]
+  states = [(0, encoder.initial_state, ("random",))]
   for step in sorted(encoder_steps(workdir, cfg)):
-    states.append((step, encoder.restore(workdir, step)))
-  for step, state in states:
-    train_x, train_y = encoder.features(state, info.train_split)
-    test_x, test_y = encoder.features(state, info.test_split)
+    states.append((step, encoder.restore(workdir, step), ("step", step)))
+  for step, state, key in states:
+    train_x, train_y = encoder.features(state, info.train_split, key)
+    test_x, test_y = encoder.features(state, info.test_split, key)
     acc = knn.knn_accuracy(train_x, train_y, test_x, test_y, (k,), info.num_classes, cfg.eval.knn_temperature)
     curve.append((step, acc[f"knn_top1_k{k}"]))
     print(f"kNN (k={k}) at step {step}: {100 * curve[-1][1]:.2f}%", flush=True)
@@ -89,7 +89,7 @@ def main(argv):
     if summary["preempted"]:
       return
     resolved = run.load_config(workdir)
-    encoder = run.Encoder(resolved, parallel.make_mesh())
+    encoder = run.Encoder(resolved, parallel.make_mesh(), cache_features=True)
     curve = knn_curve(workdir, resolved, encoder)
     final = {p: run.evaluate(workdir, p, cfg=resolved, encoder=encoder) for p in ("knn", "linear")}
     if jax.process_index() == 0:

@@ -51,11 +51,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 class Encoder:
   """A method's encoder restored from a workdir (or freshly initialized, for the random baseline)."""
 
-  def __init__(self, cfg, mesh):
+  def __init__(self, cfg, mesh, cache_features: bool = False):
+    """cache_features: keep every split's features by (encoder key, split), for callers that evaluate the
+    same encoder several times (the quickstart: the kNN curve, then kNN and the linear probe). Off by
+    default: at ImageNet scale one split's features are gigabytes."""
     from ssl_jax import methods, optim
     from ssl_jax.methods import base as methods_base
     self.cfg = cfg
     self.mesh = mesh
+    self.cache_features = cache_features
+    self._cache = {}
     self.info = datasets.get(cfg.dataset)
     self.method = methods.get(cfg)
     schedule = optim.warmup_cosine(1.0, 0, cfg.total_steps)
@@ -73,16 +78,28 @@ class Encoder:
     except ckpt_lib.CheckpointError as e:
       raise EvalError(str(e))
 
-  def features(self, state, split: str):
-    represent = lambda x: self._represent(state.params, state.batch_stats, x)
-    return features_lib.extract(self.cfg, represent, split, self.mesh, self.cfg.eval.batch_size)
+  def features(self, state, split: str, key=None):
+    """(features, labels) of `split`; `key` names the encoder (e.g. ("step", 375), ("random",)) for the
+    cache."""
+    def compute():
+      represent = lambda x: self._represent(state.params, state.batch_stats, x)
+      return features_lib.extract(self.cfg, represent, split, self.mesh, self.cfg.eval.batch_size)
+    return self._cached(key, split, compute)
+
+  def _cached(self, key, split: str, compute):
+    if not self.cache_features or key is None:
+      return compute()
+    if (key, split) not in self._cache:
+      self._cache[(key, split)] = compute()
+    return self._cache[(key, split)]
 
   @staticmethod
   def encoder_variables(state) -> Dict[str, Any]:
     return {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]}
 
   def pixel_features(self, split: str):
-    return features_lib.extract(self.cfg, features_lib.raw_pixels, split, self.mesh, self.cfg.eval.batch_size)
+    return self._cached(("raw_pixels",), split, lambda: features_lib.extract(
+        self.cfg, features_lib.raw_pixels, split, self.mesh, self.cfg.eval.batch_size))
 
 
 def find_checkpoint(workdir: str, cfg, checkpoint: str = "latest") -> int:
@@ -179,19 +196,19 @@ def evaluate(workdir: str, protocol: str, checkpoint: str = "latest", cfg=None, 
       candidates.append(("random_init", encoder.encoder_variables(encoder.initial_state), None))
       if not cfg.eval[name].train_encoder:
         candidates.append(("raw_pixels", None, lambda params, batch_stats, x: features_lib.raw_pixels(x)))
+    # Each run checkpoints under DIR/eval/checkpoints/<protocol>_<step>_<settings>/: re-running the same
+    # command after an interruption resumes it; a changed setting starts afresh instead of resuming.
+    root = str(epath.Path(workdir) / "eval" / "checkpoints" /
+               f"{name}_{step}_{settings_digest(cfg.eval[name], cfg.seed)}")
     for label, variables, represent in candidates:
-      # Each run checkpoints under DIR/eval/checkpoints/<protocol>_<step>/: re-running the same command
-      # after an interruption resumes it. The settings are part of the name, so a changed setting starts
-      # afresh instead of resuming a different run.
-      root = str(epath.Path(workdir) / "eval" / "checkpoints" / f"{name}_{step}_{settings_digest(cfg.eval[name], cfg.seed)}")
       results[label] = supervised.run(cfg, name, encoder.global_encoder, variables, encoder.mesh, label,
                                       represent, checkpoint_root=root)
     sizes = {"num_train": pipeline.num_examples(pipeline.get_builder(cfg.dataset, cfg.data_dir),
                                                 info.train_split)}
   else:
-    candidates = [("ssl", lambda split: encoder.features(state, split))]
+    candidates = [("ssl", lambda split: encoder.features(state, split, key=("step", step)))]
     if cfg.eval.baselines:
-      candidates += [("random_init", lambda split: encoder.features(encoder.initial_state, split)),
+      candidates += [("random_init", lambda split: encoder.features(encoder.initial_state, split, key=("random",))),
                      ("raw_pixels", encoder.pixel_features)]
     for label, featurize in candidates:
       train_data, test_data = featurize(info.train_split), featurize(info.test_split)
