@@ -73,7 +73,7 @@ def compile_step(method_name: str, num_devices: int, batch_size: int, dtype: str
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct((batch_size, *a.shape[1:]), a.dtype), batch)
   step = train.jit_train_step(train.make_train_step(cfg, method, holder["tx"], schedule, mesh, 1000), mesh)
   start = time.perf_counter()
-  with mesh:
+  with jax.set_mesh(mesh):
     compiled = step.lower(state, batch).compile()
   seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()

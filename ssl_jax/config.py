@@ -109,7 +109,12 @@ def with_defaults(saved: dict) -> ml_collections.ConfigDict:
   def merge(base, override):
     out = dict(base)
     for k, v in override.items():
-      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+      # JSON turned the config's tuples into lists; tuples again, so `--config.key='(a, b)'` overrides
+      # (ml_collections' flags cannot override a list).
+      v = tuple(v) if isinstance(v, list) else v
+      if isinstance(v, dict):
+        v = merge(base[k] if isinstance(base.get(k), dict) else {}, v)
+      out[k] = v
     return out
   return ml_collections.ConfigDict(merge(base_config(saved["method"]["name"]).to_dict(), saved))
 

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -114,6 +115,24 @@ def test_knn_over_two_processes_equals_one_process(runs):
   double = json.loads((runs / "one" / "eval" / "knn_4.json").read_text())
   assert double["results"] == single["results"]
   assert double["num_test"] == single["num_test"] == 1000
+
+
+def test_semi_supervised_over_two_processes_equals_one_process(runs):
+  """Fine-tuning on 10% of the labels (class-balanced subset, 2 input shards in both runs: the saved
+  config has data_shards=2), batch norm over the global batch, test batches padded and masked."""
+  args = [f"--workdir={runs / 'one'}", "--protocol=semi", "--config.eval.baselines=False",
+          "--config.eval.semi.label_fractions=(0.1,)", "--config.eval.semi.epochs=(1.0,)",
+          "--config.eval.semi.batch_size=32", "--config.eval.semi.total_steps=2"]
+  outs = []
+  for launch in (run_single, run_processes):
+    shutil.rmtree(runs / "one" / "eval" / "checkpoints", ignore_errors=True)  # train afresh, no resume
+    launch("ssl_jax.evaluate", args)
+    outs.append(json.loads((runs / "one" / "eval" / "semi_4.json").read_text())["results"]["ssl"])
+  single, double = outs
+  assert double["runs"][0]["num_labelled"] == single["runs"][0]["num_labelled"] == 400
+  assert double["top1"] == single["top1"] and double["top5"] == single["top5"]
+  np.testing.assert_allclose(double["runs"][0]["final_train_loss"], single["runs"][0]["final_train_loss"],
+                             rtol=1e-5)
 
 
 def test_missing_peer_fails_with_clear_error_in_bounded_time():

@@ -4,6 +4,7 @@ subsets are what the protocol says."""
 
 import gzip
 import hashlib
+import json
 import shutil
 
 import jax
@@ -129,3 +130,10 @@ def test_imagenet_subset_lists_are_simclrs():
   assert digests == {"1percent.txt.gz": "71e82a48ba782526", "10percent.txt.gz": "6d09de11e7bdaf5b"}
   with pytest.raises(subsets.SubsetError, match="published with SimCLR"):
     subsets.imagenet_file_names(0.05)
+
+
+def test_saved_config_keeps_tuples_so_flags_can_override_them():
+  cfg = tiny_config()
+  loaded = config_lib.with_defaults(json.loads(json.dumps(cfg.to_dict())))  # as read from config.json
+  assert loaded.eval.semi.label_fractions == (0.01, 0.1) and isinstance(loaded.eval.semi.epochs, tuple)
+  assert loaded.views.view.crop_scale == (0.08, 1.0)
