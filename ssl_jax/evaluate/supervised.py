@@ -115,7 +115,7 @@ def check_batch(cfg, p, name: str, num_devices: int, num_processes: int) -> None
 
 
 def build(p, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, schedule: Callable, info, seed: int,
-          represent: Optional[Callable] = None, feature_dim: Optional[int] = None):
+          represent: Optional[Callable] = None):
   """(initial state replicated on the mesh, jitted step, jitted predict(state, x) -> logits) of one
   protocol's classifier. variables: the encoder's {"params", "batch_stats"}, or None with a custom
   `represent(params, batch_stats, x)` (the raw-pixel baseline)."""
@@ -123,10 +123,9 @@ def build(p, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, sche
   if represent is None:
     represent = lambda params, batch_stats, x: encoder.apply({"params": params, "batch_stats": batch_stats},
                                                              x, train=False)
-  if feature_dim is None:
-    x0 = jnp.zeros((1, info.image_size, info.image_size, 3))
-    feature_dim = jax.eval_shape(represent, variables["params"] if variables else None,
-                                 variables["batch_stats"] if variables else None, x0).shape[-1]
+  x0 = jnp.zeros((1, info.image_size, info.image_size, 3))
+  feature_dim = jax.eval_shape(represent, variables["params"] if variables else None,
+                               variables["batch_stats"] if variables else None, x0).shape[-1]
   head = nn.Dense(info.num_classes, kernel_init=nn.initializers.zeros, name="head")
   params = {"head": head.init(jax.random.key(seed), jnp.zeros((1, feature_dim)))["params"]}
   frozen = variables["params"] if variables else {}
@@ -152,8 +151,7 @@ def build(p, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, sche
 
 def train_and_score(cfg, protocol: str, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh,
                     fraction: float, epochs: float, label: str,
-                    represent: Optional[Callable] = None, feature_dim: Optional[int] = None,
-                    checkpoint_dir: Optional[str] = None) -> Dict[str, Any]:
+                    represent: Optional[Callable] = None, checkpoint_dir: Optional[str] = None) -> Dict[str, Any]:
   """Trains the classifier of `protocol` (paper_linear, finetune or semi) on `fraction` of the labels,
   starting from the encoder `variables` ({"params", "batch_stats"}; None with a custom `represent`, the
   raw-pixel baseline), and scores it on the test split.
@@ -172,8 +170,7 @@ def train_and_score(cfg, protocol: str, encoder: nn.Module, variables: Optional[
   peak = optim.scaled_learning_rate(p.base_learning_rate, p.lr_scaling, p.batch_size)
   schedule = schedule_for(p, peak, total_steps, steps_per_epoch)
 
-  state, step_fn, predict = build(p, encoder, variables, mesh, schedule, info, cfg.seed, represent,
-                                  feature_dim)
+  state, step_fn, predict = build(p, encoder, variables, mesh, schedule, info, cfg.seed, represent)
   manager, start_step = None, 0
   if checkpoint_dir is not None:
     manager = ckpt_lib.Manager(None, cfg, directory=checkpoint_dir)
@@ -217,8 +214,7 @@ def train_and_score(cfg, protocol: str, encoder: nn.Module, variables: Optional[
 
 
 def run(cfg, protocol: str, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, name: str,
-        represent: Optional[Callable] = None, feature_dim: Optional[int] = None,
-        checkpoint_root: Optional[str] = None) -> Dict[str, Any]:
+        represent: Optional[Callable] = None, checkpoint_root: Optional[str] = None) -> Dict[str, Any]:
   """Every label fraction of `protocol` for one encoder; metrics keyed "top1" (one fraction) or
   "top1_<pct>pct" (several), plus the settings of each run. Each run checkpoints under
   checkpoint_root/<name>_<pct>pct when checkpoint_root is given."""
@@ -230,7 +226,7 @@ def run(cfg, protocol: str, encoder: nn.Module, variables: Optional[Dict[str, An
     label = f"{name} {fraction:.0%} labels"
     directory = None if checkpoint_root is None else f"{checkpoint_root}/{name}_{fraction * 100:g}pct"
     r = train_and_score(cfg, protocol, encoder, variables, mesh, fraction, epochs, label, represent,
-                        feature_dim, directory)
+                        directory)
     suffix = "" if len(fractions) == 1 else f"_{fraction * 100:g}pct"
     for key in ("top1", "top5"):
       if key in r:
