@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config as config_lib
 from ssl_jax import methods, optim, parallel, train
@@ -32,7 +32,7 @@ def _free_port():
 
 
 def _env(devices):
-  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=xla_flags(devices))
 
 
 def run_processes(module, args, num_processes=2, devices=4, timeout=TIMEOUT):
