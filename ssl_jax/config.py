@@ -52,11 +52,13 @@ def base_config(method: str) -> ml_collections.ConfigDict:
       exclude_bias_and_norm=True, no_decay_names=()))
 
   # Evaluation protocols (ssl_jax.evaluate); kNN as in InstDisc / DINO. `linear_mode`: "fast" fits the
-  # linear probe on cached features (a vmapped lr x wd sweep, linear_steps full-batch steps); "paper"
+  # linear probe on cached features (a vmapped lr x wd sweep, linear_steps full-batch steps, chosen on a
+  # held-out linear_val_fraction of the train split; the sweep fits on at most linear_select_examples
+  # held-in examples, 0 = all, and the chosen setting is refitted on the whole train split); "paper"
   # trains it on augmented images with the method's own recipe (eval.paper_linear).
   cfg.eval = ml_collections.ConfigDict(dict(
       batch_size=256, knn_k=(10, 20, 100, 200), knn_temperature=0.07, linear_mode="fast", linear_steps=300,
-      linear_val_fraction=0.1, baselines=True,
+      linear_val_fraction=0.1, linear_select_examples=10_000, baselines=True,
       # Protocols that train on images (random resized crop + flip; centre crop at test), one run per
       # label fraction. Defaults: SimCLR's (Chen et al. 2020): linear head, appendix B.6 and the official
       # README (Nesterov SGD, batch 4096, lr 0.1 x B/256, weight decay 1e-6, 90 epochs, no warm-up,
@@ -214,6 +216,9 @@ def validate_eval(cfg) -> None:
   """Raises ConfigError (one line) for evaluation settings that cannot run."""
   if cfg.eval.linear_mode not in ("fast", "paper"):
     raise ConfigError(f"eval.linear_mode must be fast or paper, got {cfg.eval.linear_mode!r}")
+  if not 0 < cfg.eval.linear_val_fraction < 1 or cfg.eval.linear_select_examples < 0:
+    raise ConfigError(f"eval.linear_val_fraction must be in (0, 1) and eval.linear_select_examples >= 0, got "
+                      f"{cfg.eval.linear_val_fraction} and {cfg.eval.linear_select_examples}")
   for name in ("paper_linear", "finetune", "semi"):
     p = cfg.eval[name]
     if len(p.label_fractions) != len(p.epochs) or not all(0 < f <= 1 for f in p.label_fractions):

@@ -66,6 +66,20 @@ def test_linear_probe_separable_and_shuffled():
   assert shuffled["linear_top1"] < 0.5
 
 
+def test_linear_sweep_fits_on_a_stratified_sample_then_refits_on_everything():
+  x, y = separable(n_per_class=100)
+  tx, ty = separable(n_per_class=20)  # same class centres (seed), other noise draws
+  full = linear.linear_probe(x, y, tx, ty, num_classes=4, steps=50)
+  capped = linear.linear_probe(x, y, tx, ty, num_classes=4, steps=50, max_fit_examples=100)
+  assert (full["num_val"], full["num_fit"]) == (40, 360)
+  assert (capped["num_val"], capped["num_fit"]) == (40, 100)  # 25 of each class; same validation part
+  assert capped["linear_top1"] == 1.0
+  # The data a sweep fits on: a fit set sample whose class counts follow the fit set's.
+  uneven = np.concatenate([np.flatnonzero(y == c)[:n] for c, n in enumerate((100, 100, 50, 10))])
+  out = linear.select_hyperparameters(x[uneven], y[uneven], 4, steps=5, max_fit_examples=130)
+  assert out["num_val"] == 10 + 10 + 5 + 1 and out["num_fit"] == 50 + 50 + 25 + 5
+
+
 def test_linear_model_selection_never_reads_test_split():
   """The chosen setting and every validation score are identical whatever the test split holds."""
   x, y = separable(n_per_class=80, noise=3.0)

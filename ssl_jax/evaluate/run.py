@@ -127,7 +127,8 @@ def run_protocol(protocol: str, cfg, train_data, test_data) -> Dict[str, Any]:
     return knn_lib.knn_accuracy(train_x, train_y, test_x, test_y, tuple(cfg.eval.knn_k), num_classes,
                                 cfg.eval.knn_temperature)
   return linear_lib.linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=cfg.seed,
-                                 steps=cfg.eval.linear_steps)
+                                 steps=cfg.eval.linear_steps, val_fraction=cfg.eval.linear_val_fraction,
+                                 max_fit_examples=cfg.eval.linear_select_examples)
 
 
 def settings_digest(settings, seed: int) -> str:
