@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Tuple
 
 import jax
@@ -10,6 +11,9 @@ from jax.experimental import multihost_utils
 
 from ssl_jax import parallel
 from ssl_jax.data import datasets, pipeline
+
+
+PROGRESS_EVERY_SECONDS = 30
 
 
 def extract(cfg, represent: Callable, split: str, mesh, batch_size: int = 256) -> Tuple[np.ndarray, np.ndarray]:
@@ -25,6 +29,8 @@ def extract(cfg, represent: Callable, split: str, mesh, batch_size: int = 256) -
   batch_size = max(num_devices, batch_size // num_devices * num_devices)
   local = batch_size // jax.process_count()
   feats, labels, index, mask = [], [], [], []
+  total = pipeline.num_examples(pipeline.get_builder(cfg.dataset, cfg.data_dir), split)
+  start = last_report = time.time()
   for batch in pipeline.eval_batches(cfg, split, local, info.image_size, info.eval_crop_proportion,
                                      jax.process_index(), jax.process_count()):
     out = represent(parallel.to_global(mesh, batch["image"]))
@@ -34,6 +40,11 @@ def extract(cfg, represent: Callable, split: str, mesh, batch_size: int = 256) -
     labels.append(rest["label"])
     index.append(rest["index"])
     mask.append(rest["mask"])
+    if time.time() - last_report > PROGRESS_EVERY_SECONDS and jax.process_index() == 0:
+      done = int(sum(m.sum() for m in mask))
+      print(f"  features of {split}: {done:,}/{total:,} images, {done / (time.time() - start):.0f} images/s",
+            flush=True)
+      last_report = time.time()
   mask = np.concatenate(mask)
   order = np.argsort(np.concatenate(index)[mask], kind="stable")
   return np.concatenate(feats)[mask][order], np.concatenate(labels)[mask][order].astype(np.int32)

@@ -215,6 +215,9 @@ def evaluate(workdir: str, protocol: str, checkpoint: str = "latest", cfg=None, 
       train_data, test_data = featurize(info.train_split), featurize(info.test_split)
       results[label] = run_protocol(protocol, cfg, train_data, test_data)
       results[label]["feature_dim"] = int(train_data[0].shape[1])
+      if jax.process_index() == 0:
+        print(f"{protocol} ({label}): {100 * headline(protocol, results[label]):.2f}% "
+              f"({time.time() - start:.0f} s)", flush=True)
     sizes = {"num_train": int(len(train_data[1])), "num_test": int(len(test_data[1]))}
   out = {"workdir": str(workdir), "step": step, "protocol": protocol, "dataset": cfg.dataset,
          "train_split": info.train_split, "test_split": info.test_split, **sizes,
