@@ -13,10 +13,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ssl_jax import distributed
-from ssl_jax.evaluate import run
+from ssl_jax.evaluate import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir holding config.json and checkpoints")
-_PROTOCOL = flags.DEFINE_string("protocol", "knn", f"one of {', '.join(run.PROTOCOLS)}")
+_PROTOCOL = flags.DEFINE_string("protocol", "knn", f"one of {', '.join(workdir_lib.PROTOCOLS)}")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "'latest' or a step number")
 distributed.define_flags()
 
@@ -33,7 +33,9 @@ def _workdir_from_argv(argv):
 def main(argv):
   del argv
   with distributed.user_errors_exit():
+    workdir_lib.check_protocol(_PROTOCOL.value)
     distributed.initialize_from_flags()
+    from ssl_jax.evaluate import run  # TensorFlow, orbax: after the cheap checks
     out = run.evaluate(_WORKDIR.value, _PROTOCOL.value, _CHECKPOINT.value, cfg=flags.FLAGS.config)
   for name, metrics in out["results"].items():
     print(f"{name:12s} {out['protocol']} top-1 {100 * run.headline(out['protocol'], metrics):6.2f}%  "
@@ -46,5 +48,5 @@ if __name__ == "__main__":
     sys.exit("error: --workdir is required")
   # The config comes from the workdir, so it must be read before flags are parsed to allow overrides.
   with distributed.user_errors_exit():
-    config_flags.DEFINE_config_dict("config", run.load_config(workdir))
+    config_flags.DEFINE_config_dict("config", workdir_lib.load_config(workdir))
   app.run(main, flags_parser=distributed.parse_flags_or_exit)

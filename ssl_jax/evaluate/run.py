@@ -13,7 +13,6 @@ import time
 from typing import Any, Dict, Optional
 
 import jax
-import ml_collections
 from etils import epath
 
 from ssl_jax import checkpoint as ckpt_lib
@@ -24,28 +23,7 @@ from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate import knn as knn_lib
 from ssl_jax.evaluate import linear as linear_lib
 from ssl_jax.evaluate import subsets, supervised
-from ssl_jax.errors import UserError
-
-PROTOCOLS = ("knn", "linear", "finetune", "semi")
-
-
-class EvalError(UserError, ValueError):
-  """Bad evaluation input; the message is one actionable line."""
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run saved in DIR/config.json."""
-  path = epath.Path(workdir)
-  if not path.exists():
-    raise EvalError(f"workdir {workdir} does not exist")
-  config_path = path / "config.json"
-  if not config_path.exists():
-    raise EvalError(f"{config_path} not found: {workdir} is not a training workdir (run ssl_jax.main first)")
-  try:
-    saved = json.loads(config_path.read_text())
-  except json.JSONDecodeError as e:
-    raise EvalError(f"{config_path} is not valid JSON: {e}")
-  return config_lib.with_defaults(saved)
+from ssl_jax.evaluate.workdir import EvalError, check_protocol, load_config
 
 
 class Encoder:
@@ -156,8 +134,7 @@ def headline(protocol: str, metrics: Dict[str, Any]) -> float:
 
 
 def check_inputs(workdir: str, protocol: str, cfg) -> None:
-  if protocol not in PROTOCOLS:
-    raise EvalError(f"unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
+  check_protocol(protocol)
   try:
     builder = pipeline.get_builder(cfg.dataset, cfg.data_dir)
   except pipeline.DataError as e:
