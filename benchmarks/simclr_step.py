@@ -7,7 +7,7 @@ subprocess, so the peak is that column's alone), XLA's memory analysis of the co
 tf.data input pipeline's images/s on the real CIFAR-10 (skipped with a message when --data_dir is absent).
 Ends with a markdown table for the README.
 
-    python benchmarks/simclr_step.py                                  # width 64, batch 256, both conv impls
+    python benchmarks/simclr_step.py                                  # width 64, batch 256
     python benchmarks/simclr_step.py --width 16                       # quick (about a minute)
     python benchmarks/simclr_step.py --conv_impl xla --breakdown      # + where the step's time goes
 
@@ -40,8 +40,8 @@ def parse_args(argv=None):
   p.add_argument("--width", type=int, default=64, help="ResNet-18 first-stage channels (64 = the paper)")
   p.add_argument("--steps", type=int, default=3, help="timed steps per column")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (at least 1)")
-  p.add_argument("--conv_impl", choices=("xla", "patches", "both"), default="both",
-                 help="ssl_jax model.conv_impl column(s) to run")
+  p.add_argument("--conv_impl", default="patches,winograd",
+                 help="comma-separated ssl_jax model.conv_impl columns to run (xla, patches, winograd)")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores every column may use")
   p.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR), help="prepared TFDS dir with cifar10")
   p.add_argument("--pipeline_batches", type=int, default=20, help="timed input-pipeline batches")
@@ -346,7 +346,9 @@ def main(argv=None):
   conv_gflop = conv_gflop_per_step(args.width, args.batch_size)
   print(f"convolutions, forward and backward: {conv_gflop:.0f} GFLOP per step", flush=True)
   results = []
-  impls = ("xla", "patches") if args.conv_impl == "both" else (args.conv_impl,)
+  impls = [impl.strip() for impl in args.conv_impl.split(",") if impl.strip()]
+  if unknown := sorted(set(impls) - {"xla", "patches", "winograd"}):
+    sys.exit(f"error: --conv_impl takes xla, patches and winograd, got {', '.join(unknown)}")
   for impl in impls:
     print(f"ssl_jax, conv_impl={impl}:", flush=True)
     r = spawn(argv, f"jax:{impl}")

@@ -44,7 +44,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   cfg.model = ml_collections.ConfigDict(dict(
       name="resnet", depth=50, width=64, width_multiplier=1, cifar_stem=False, dtype="float32",
       bn_momentum=0.9,
-      conv_impl="xla"))  # "patches": a CPU-only kernel-gradient rewrite, about 2x faster there (benchmarks/)
+      conv_impl="xla"))  # CPU only: "patches" (kernel-gradient rewrite), "winograd" (faster still; benchmarks/)
 
   cfg.optimizer = ml_collections.ConfigDict(dict(
       name="lars", base_learning_rate=0.3, lr_scaling="linear", weight_decay=1e-6, momentum=0.9,
@@ -201,8 +201,8 @@ def validate(cfg, num_devices: int, num_processes: int = 1) -> None:
     fail("log_every_steps and checkpoint_every_steps must be > 0")
   if cfg.model.dtype not in ("float32", "bfloat16"):
     fail(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
-  if cfg.model.conv_impl not in ("xla", "patches"):
-    fail(f"model.conv_impl must be xla or patches, got {cfg.model.conv_impl!r}")
+  if cfg.model.conv_impl not in ("xla", "patches", "winograd"):
+    fail(f"model.conv_impl must be xla, patches or winograd, got {cfg.model.conv_impl!r}")
   validate_eval(cfg)
   if not cfg.views:
     fail("the config defines no views")

@@ -1,5 +1,5 @@
-"""The patch-matmul convolution (ssl_jax/models/conv.py) against flax.linen.Conv: same parameters, same
-forward output, same input and kernel gradients."""
+"""The CPU convolutions of ssl_jax/models/conv.py (patch-matmul kernel gradient; Winograd F(4x4, 3x3)) against
+flax.linen.Conv: same parameters, same forward output, same input and kernel gradients."""
 
 import functools
 
@@ -43,11 +43,12 @@ def _outputs_and_grads(module, params, x, cotangent):
   return y, dparams["params"]["kernel"], dx
 
 
+@pytest.mark.parametrize("impl", ["patches", "winograd"])
 @pytest.mark.parametrize("kernel,strides,padding,cin,cout,h,w", CASES)
-def test_patches_conv_matches_flax_conv(kernel, strides, padding, cin, cout, h, w):
+def test_cpu_conv_matches_flax_conv(kernel, strides, padding, cin, cout, h, w, impl):
   settings = {"features": cout, "kernel_size": kernel, "strides": strides, "padding": padding,
               "use_bias": False}
-  reference, patches = nn.Conv(**settings), conv_lib.Conv(**settings)
+  reference, patches = nn.Conv(**settings), conv_lib.conv_class(impl)(**settings)
   x = _random_like(jax.ShapeDtypeStruct((3, h, w, cin), jnp.float32), seed=1)
   params = _random_like(jax.eval_shape(reference.init, jax.random.key(0), x))
   assert _shapes(jax.eval_shape(patches.init, jax.random.key(0), x)) == _shapes(params)
@@ -75,13 +76,14 @@ def test_bias_and_batch_dims_follow_flax_conv():
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
-def test_resnet_conv_impls_share_parameters_and_gradients():
+@pytest.mark.parametrize("impl", ["patches", "winograd"])
+def test_resnet_conv_impls_share_parameters_and_gradients(impl):
   x = _random_like(jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32), seed=1)
-  nets = {impl: models.ResNet(stage_sizes=(1, 1), block_cls=models.resnet.BasicBlock, width=4, conv_impl=impl)
-          for impl in ("xla", "patches")}
-  abstract = {impl: jax.eval_shape(functools.partial(net.init, train=False), jax.random.key(0), x)
-              for impl, net in nets.items()}
-  assert _shapes(abstract["patches"]) == _shapes(abstract["xla"])
+  nets = {name: models.ResNet(stage_sizes=(1, 1), block_cls=models.resnet.BasicBlock, width=4, conv_impl=name)
+          for name in ("xla", impl)}
+  abstract = {name: jax.eval_shape(functools.partial(net.init, train=False), jax.random.key(0), x)
+              for name, net in nets.items()}
+  assert _shapes(abstract[impl]) == _shapes(abstract["xla"])
   variables = _random_like(abstract["xla"])
 
   def grad(net):
@@ -90,12 +92,13 @@ def test_resnet_conv_impls_share_parameters_and_gradients():
       return jnp.sum(out ** 2)
     return jax.grad(loss)(variables["params"])
 
-  got, want = jax.jit(lambda: (grad(nets["patches"]), grad(nets["xla"])))()
+  got, want = jax.jit(lambda: (grad(nets[impl]), grad(nets["xla"])))()
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5 * np.max(np.abs(w)) + 1e-6, err_msg=str(path))
 
 
-def test_kernel_gradient_under_shard_map_sums_over_devices():
+@pytest.mark.parametrize("impl", ["patches", "winograd"])
+def test_kernel_gradient_under_shard_map_sums_over_devices(impl):
   """A replicated kernel on a batch-sharded input, as in the train step: the gradient is the sum over
   devices, equal to nn.Conv's."""
   mesh = parallel.make_mesh()
@@ -109,8 +112,29 @@ def test_kernel_gradient_under_shard_map_sums_over_devices():
       return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(parallel.DATA)), out_specs=P())(p, x)
     return jax.grad(loss)(params)
 
-  got, want = jax.jit(lambda: (grad(conv_lib.Conv(**settings)), grad(nn.Conv(**settings))))()
+  got, want = jax.jit(lambda: (grad(conv_lib.conv_class(impl)(**settings)), grad(nn.Conv(**settings))))()
   np.testing.assert_allclose(got["params"]["kernel"], want["params"]["kernel"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,h,w,c,o", [(2, 1, 1, 3, 2), (2, 5, 3, 4, 6), (1, 7, 9, 8, 5), (3, 8, 8, 5, 7)])
+def test_winograd_matches_direct_convolution_at_any_size(n, h, w, c, o):
+  """F(4x4, 3x3) on sizes that are and are not whole 4x4 tiles: values and both gradients (JAX's
+  transposes of the Winograd steps) against XLA's direct convolution, float32 and bfloat16."""
+  rng = np.random.default_rng(0)
+  x, kernel = rng.standard_normal((n, h, w, c), np.float32), rng.standard_normal((3, 3, c, o), np.float32)
+  g = rng.standard_normal((n, h, w, o), np.float32)
+  direct = lambda x_, k_: jax.lax.conv_general_dilated(x_, k_, (1, 1), "SAME",
+                                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  run = jax.jit(lambda f, x_, k_: (lambda y, vjp: (y, *vjp(g.astype(y.dtype))))(*jax.vjp(f, x_, k_)),
+                static_argnums=0)
+  for got, want in zip(run(conv_lib.winograd_conv3x3, x, kernel), run(direct, x, kernel)):
+    scale = np.max(np.abs(want))
+    np.testing.assert_allclose(got / scale, want / scale, atol=1e-5)
+  y16 = jax.jit(conv_lib.winograd_conv3x3)(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert y16.dtype == jnp.bfloat16
+  want = direct(x.astype(jnp.bfloat16).astype(np.float32), kernel.astype(jnp.bfloat16).astype(np.float32))
+  np.testing.assert_allclose(np.asarray(y16, np.float32) / np.max(np.abs(want)), want / np.max(np.abs(want)),
+                             atol=1e-2)
 
 
 def test_unknown_conv_impl_and_unsupported_settings_raise():

@@ -117,6 +117,7 @@ BAD_INPUTS = [
     (["--config=configs/moco_v2.py:cifar10,tiny", "--config.method.queue_size=100", "--config.batch_size=64"],
      "queue_size=100 must be a multiple of batch_size=64"),
     (["--config=configs/simclr.py:cifar11"], "unknown config variant"),
+    (["--config.model.conv_impl=cudnn"], "model.conv_impl must be xla, patches or winograd"),
 ]
 
 
