@@ -123,8 +123,9 @@ def test_kernel_gradient_under_shard_map_sums_over_devices(impl):
 
 @pytest.mark.parametrize("n,h,w,c,o", [(2, 1, 1, 3, 2), (2, 5, 3, 4, 6), (1, 7, 9, 8, 5), (3, 8, 8, 5, 7)])
 def test_winograd_matches_direct_convolution_at_any_size(n, h, w, c, o):
-  """F(4x4, 3x3) on sizes that are and are not whole 4x4 tiles: values and both gradients (JAX's
-  transposes of the Winograd steps) against XLA's direct convolution, float32 and bfloat16."""
+  """F(4x4, 3x3) on sizes that are and are not whole 4x4 tiles: values and both gradients (the custom VJP:
+  Winograd with the turned kernel; the transposed Winograd steps) against XLA's direct convolution, float32
+  and bfloat16."""
   rng = np.random.default_rng(0)
   x, kernel = rng.standard_normal((n, h, w, c), np.float32), rng.standard_normal((3, 3, c, o), np.float32)
   g = rng.standard_normal((n, h, w, o), np.float32)
@@ -132,10 +133,12 @@ def test_winograd_matches_direct_convolution_at_any_size(n, h, w, c, o):
                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
   run = jax.jit(lambda f, x_, k_: (lambda y, vjp: (y, *vjp(g.astype(y.dtype))))(*jax.vjp(f, x_, k_)),
                 static_argnums=0)
-  for got, want in zip(run(conv_lib.winograd_conv3x3, x, kernel), run(direct, x, kernel)):
+  winograd = lambda x_, k_: conv_lib.winograd_conv_general_dilated(x_, k_, (1, 1), "SAME",
+                                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  for got, want in zip(run(winograd, x, kernel), run(direct, x, kernel)):
     scale = np.max(np.abs(want))
     np.testing.assert_allclose(got / scale, want / scale, atol=1e-5)
-  y16 = jax.jit(conv_lib.winograd_conv3x3)(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  y16 = jax.jit(winograd)(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16
   want = direct(x.astype(jnp.bfloat16).astype(np.float32), kernel.astype(jnp.bfloat16).astype(np.float32))
   np.testing.assert_allclose(np.asarray(y16, np.float32) / np.max(np.abs(want)), want / np.max(np.abs(want)),

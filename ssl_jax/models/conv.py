@@ -20,16 +20,18 @@ convolution and its transpose.
 * "winograd": the SAME 3x3 stride-1 convolutions (14 of the CIFAR ResNet-18's 20, nearly all of its FLOPs) by
   Winograd's minimal filtering F(4x4, 3x3), the others as "patches"; also CPU only, same parameters. Per
   6x6 input tile, channel pair and 4x4 output tile it multiplies 36 times instead of 144; the products
-  become 36 batched matmuls (one per transformed-tile position) between cheap elementwise transforms, and
-  JAX's transposes of those same steps give both gradients with the same 4x saving. Measured on the SimCLR
-  ResNet-18 step (batch 256, this 2-core machine): 25.1 s against 30.8 s for "patches" and 21.0 s for
-  PyTorch (benchmarks/simclr_step.py). Rounding: relative error ~1e-5 against the direct convolution in
-  float32 (tests/test_conv.py), computed in float32 whatever the compute dtype; about 2 GB more XLA
-  temporaries at that batch (the transformed tiles kept for the backward pass). Applying it only to the
-  wide late stages (where it gains most in per-layer timings) measured slower on the whole step: 24.5-25.8 s
-  per step against 21.6-23.2 s with every 3x3 layer, run back to back. At width 16 it is slower than
-  "patches" (batch 128: 42.7 against 75.9 images/s): with 16-128 channels the matmuls are too narrow to
-  pay for the transforms.
+  become 36 batched matmuls (one per transformed-tile position) between cheap elementwise transforms. A
+  custom VJP keeps the backward pass Winograd too: the input gradient is the same convolution with the
+  turned kernel, the kernel gradient JAX's transpose of the Winograd steps in the kernel. Measured on the
+  SimCLR ResNet-18 step (batch 256, width 64, this 2-core machine; benchmarks/simclr_step.py), one run:
+  21.1 s per step against 31.4 s for "patches" and 22.9 s for PyTorch. Letting JAX differentiate the
+  Winograd forward instead (its input gradient then sums overlapping tiles, and the transformed tiles are
+  kept for the backward pass) measured 24.7-26.9 s against 18.9-21.0 s, back to back; taking the kernel
+  gradient from "patches" 23.9-26.8 s (and, with the autodiff version, Winograd on the wide late stages
+  only: 24.5-25.8 s against 21.6-23.2 s). At width 16 it is slower than "patches" (batch 128: 54.3 against 75.3 images/s): with
+  16-128 channels the matmuls are too narrow to pay for the transforms. Rounding: relative error ~1e-5
+  against the direct convolution in float32 (tests/test_conv.py), computed in float32 whatever the
+  compute dtype.
 """
 
 from __future__ import annotations
@@ -170,10 +172,9 @@ def _small_matmul(matrix, x, axis: int):
 def winograd_conv3x3(x, w, precision=None):
   """SAME 3x3 stride-1 convolution, x [n, h, w, c], w [3, 3, c, o] -> [n, h, w, o], by F(4x4, 3x3).
 
-  Written with jnp ops only, so JAX differentiates it: the input and kernel gradients are the transposes of
-  these same steps (products in the transformed domain, 36 batched matmuls each), also about 4x fewer
-  multiplies than a direct convolution. Computed in float32 whatever the input dtype (the transforms
-  amplify rounding errors; measured relative error ~1e-5 in float32)."""
+  Written with jnp ops only, so JAX can differentiate it (the layers use the custom VJP below, which
+  measured faster). Computed in float32 whatever the input dtype (the transforms amplify rounding errors;
+  measured relative error ~1e-5 in float32)."""
   n, h, wd, c = x.shape
   o = w.shape[-1]
   dtype = x.dtype
@@ -196,6 +197,31 @@ def winograd_conv3x3(x, w, precision=None):
   return y[:, :h, :wd].astype(dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _winograd_conv(x, w, precision):
+  return winograd_conv3x3(x, w, precision)
+
+
+def _winograd_conv_fwd(x, w, precision):
+  # Keeps x, not its transformed tiles (2.25x larger): the backward pass transforms x again.
+  return winograd_conv3x3(x, w, precision), (x, w)
+
+
+def _winograd_conv_bwd(precision, residuals, g):
+  x, w = residuals
+  # The input gradient of a SAME 3x3 stride-1 convolution is the same convolution of g with the kernel
+  # turned 180 degrees and its in/out channels swapped: Winograd again, with no overlapping tile sums
+  # (which JAX's own transpose of the tile extraction would need).
+  dx = winograd_conv3x3(g, w[::-1, ::-1].swapaxes(2, 3), precision).astype(x.dtype)
+  # The kernel gradient: JAX's transpose of the Winograd steps in w, i.e. one product of the transformed
+  # input tiles with the transformed output-gradient tiles per tile position (36 batched matmuls).
+  _, kernel_vjp = jax.vjp(lambda w_: winograd_conv3x3(x, w_, precision), w)
+  return dx, kernel_vjp(g)[0]
+
+
+_winograd_conv.defvjp(_winograd_conv_fwd, _winograd_conv_bwd)
+
+
 def winograd_conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
                                   rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                                   precision=None) -> jax.Array:
@@ -209,7 +235,8 @@ def winograd_conv_general_dilated(lhs, rhs, window_strides: Sequence[int], paddi
       and feature_group_count == 1 and not any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
       and dimension_numbers is not None
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _channels_last(2)):
-    return winograd_conv3x3(lhs, rhs, precision)
+    lhs, rhs = _match_varying_axes(lhs, rhs)
+    return _winograd_conv(lhs, rhs, precision)
   return patches_conv_general_dilated(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation,
                                       dimension_numbers, feature_group_count, precision)
 
