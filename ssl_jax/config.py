@@ -23,6 +23,10 @@ class ConfigError(UserError, ValueError):
   """A config that cannot run; the message is one actionable line."""
 
 
+# models/conv.py's CONV_IMPLS, named here so that validation needs no flax import (tests keep them equal).
+CONV_IMPLS = ("xla", "patches", "winograd")
+
+
 def base_config(method: str) -> ml_collections.ConfigDict:
   """Every key any config may set. Values here are CIFAR-10-sized placeholders that files override."""
   cfg = ml_collections.ConfigDict()
@@ -201,7 +205,7 @@ def validate(cfg, num_devices: int, num_processes: int = 1) -> None:
     fail("log_every_steps and checkpoint_every_steps must be > 0")
   if cfg.model.dtype not in ("float32", "bfloat16"):
     fail(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
-  if cfg.model.conv_impl not in ("xla", "patches", "winograd"):
+  if cfg.model.conv_impl not in CONV_IMPLS:
     fail(f"model.conv_impl must be xla, patches or winograd, got {cfg.model.conv_impl!r}")
   validate_eval(cfg)
   if not cfg.views:

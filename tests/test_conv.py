@@ -145,6 +145,11 @@ def test_winograd_matches_direct_convolution_at_any_size(n, h, w, c, o):
                              atol=1e-2)
 
 
+def test_config_validation_knows_every_conv_impl():
+  from ssl_jax import config as config_lib
+  assert config_lib.CONV_IMPLS == tuple(conv_lib.CONV_IMPLS)
+
+
 def test_unknown_conv_impl_and_unsupported_settings_raise():
   with pytest.raises(ValueError, match="conv_impl"):
     conv_lib.conv_class("cudnn")

@@ -88,7 +88,7 @@ class ResNet(nn.Module):
     bn_axis_name: mesh axis for cross-device batch statistics, None for per-device statistics.
     bn_momentum: running-average decay of the BN statistics (0.9 in the SimCLR and BYOL code).
     conv_impl: "xla" (flax.linen.Conv), "patches" (faster kernel gradients on CPU) or "winograd" (3x3
-      convolutions by Winograd F(4x4, 3x3), fastest on CPU); see models/conv.py.
+      convolutions by Winograd F(4x4, 3x3), fastest on CPU at width 64); see models/conv.py.
   """
 
   stage_sizes: Sequence[int]
