@@ -43,10 +43,17 @@ def _outputs_and_grads(module, params, x, cotangent):
   return y, dparams["params"]["kernel"], dx
 
 
-# "winograd" computes SAME 3x3 stride-1 layers itself and hands every other layer to "patches": its own
-# case plus two that take the hand-off.
+# "winograd" computes SAME 3x3 stride-1 layers itself and hands every other layer to "patches", with the
+# forward pass as one matmul per kernel offset ("taps") from conv._TAPS_MIN_CHANNELS input channels on: its
+# own case, two hand-offs with XLA's forward and three with taps.
+TAPS_CASES = [
+    ((3, 3), 2, "SAME", 64, 8, 9, 8),
+    ((1, 1), 2, "SAME", 64, 8, 8, 8),
+    ((3, 3), (2, 1), [(2, 0), (0, 1)], 64, 4, 9, 9),
+]
 IMPL_CASES = ([("patches", *case) for case in CASES]
-              + [("winograd", *CASES[i]) for i in (2, 3, 6)])
+              + [("winograd", *CASES[i]) for i in (2, 3, 6)]
+              + [("winograd", *case) for case in TAPS_CASES])
 
 
 @pytest.mark.parametrize("impl,kernel,strides,padding,cin,cout,h,w", IMPL_CASES)
@@ -67,6 +74,28 @@ def test_cpu_conv_matches_flax_conv(impl, kernel, strides, padding, cin, cout, h
   for g, w_ in zip(got, want):
     scale = np.max(np.abs(w_))
     np.testing.assert_allclose(g / scale, w_ / scale, atol=1e-5)
+  # Which forward computed it: XLA's convolution primitive, or matmuls only (Winograd, taps).
+  uses_xla_conv = "conv_general_dilated" in str(jax.make_jaxpr(patches.apply)(params, x))
+  assert uses_xla_conv == (impl == "patches" or (kernel != (3, 3) or strides != 1 or padding != "SAME")
+                           and cin < conv_lib._TAPS_MIN_CHANNELS)
+
+
+@pytest.mark.parametrize("kernel,strides,padding,cin,cout,h,w", CASES)
+def test_taps_forward_matches_xla_convolution(kernel, strides, padding, cin, cout, h, w):
+  """The one-matmul-per-offset forward and its transpose (the input gradient) against XLA's convolution,
+  on every layer shape of CASES (strided, asymmetric, VALID, 7x7)."""
+  rng = np.random.default_rng(0)
+  x, kernel_ = rng.standard_normal((3, h, w, cin), np.float32), rng.standard_normal((*kernel, cin, cout), np.float32)
+  strides = (strides,) * 2 if isinstance(strides, int) else strides
+  dn = ("NHWC", "HWIO", "NHWC")
+  xla = lambda x_, k_: jax.lax.conv_general_dilated(x_, k_, strides, padding, dimension_numbers=dn)
+  taps = lambda x_, k_: conv_lib.patches_conv_general_dilated(x_, k_, strides, padding, dimension_numbers=dn,
+                                                              forward="taps")
+  g = rng.standard_normal(jax.eval_shape(xla, x, kernel_).shape, np.float32)
+  run = jax.jit(lambda f: (lambda y, vjp: (y, *vjp(g)))(*jax.vjp(f, x, kernel_)), static_argnums=0)
+  for got, want in zip(run(taps), run(xla)):
+    scale = np.max(np.abs(want))
+    np.testing.assert_allclose(got / scale, want / scale, atol=1e-5)
 
 
 def test_bias_and_batch_dims_follow_flax_conv():
@@ -118,7 +147,10 @@ def test_kernel_gradient_under_shard_map_sums_over_devices(impl):
     return jax.grad(loss)(params)
 
   got, want = jax.jit(lambda: (grad(conv_lib.conv_class(impl)(**settings)), grad(nn.Conv(**settings))))()
-  np.testing.assert_allclose(got["params"]["kernel"], want["params"]["kernel"], rtol=1e-4, atol=1e-5)
+  # Winograd's rounding error is relative to the size of the sums (about 1e-5 of the largest entry), not to
+  # each entry: a small entry beside large ones may differ by more than 1e-4 of itself.
+  got, want = got["params"]["kernel"], want["params"]["kernel"]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * np.max(np.abs(want)))
 
 
 @pytest.mark.parametrize("n,h,w,c,o", [(2, 1, 1, 3, 2), (2, 5, 3, 4, 6), (1, 7, 9, 8, 5), (3, 8, 8, 5, 7)])
