@@ -131,10 +131,12 @@ def test_resnet_conv_impls_share_parameters_and_gradients(impl):
     np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5 * np.max(np.abs(w)) + 1e-6, err_msg=str(path))
 
 
-@pytest.mark.parametrize("impl", ["patches", "winograd"])
-def test_kernel_gradient_under_shard_map_sums_over_devices(impl):
+@pytest.mark.parametrize("impl,chunk_bytes", [("patches", None), ("winograd", None), ("winograd", 1)])
+def test_kernel_gradient_under_shard_map_sums_over_devices(impl, chunk_bytes, monkeypatch):
   """A replicated kernel on a batch-sharded input, as in the train step: the gradient is the sum over
-  devices, equal to nn.Conv's."""
+  devices, equal to nn.Conv's (Winograd also over batch chunks of one example each)."""
+  if chunk_bytes:
+    monkeypatch.setattr(conv_lib, "_WINOGRAD_CHUNK_BYTES", chunk_bytes)
   mesh = parallel.make_mesh()
   settings = {"features": 4, "kernel_size": (3, 3), "use_bias": False}
   x = _random_like(jax.ShapeDtypeStruct((2 * mesh.size, 6, 6, 3), jnp.float32), seed=1)
@@ -153,11 +155,15 @@ def test_kernel_gradient_under_shard_map_sums_over_devices(impl):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * np.max(np.abs(want)))
 
 
-@pytest.mark.parametrize("n,h,w,c,o", [(2, 1, 1, 3, 2), (2, 5, 3, 4, 6), (1, 7, 9, 8, 5), (3, 8, 8, 5, 7)])
-def test_winograd_matches_direct_convolution_at_any_size(n, h, w, c, o):
-  """F(4x4, 3x3) on sizes that are and are not whole 4x4 tiles: values and both gradients (the custom VJP:
-  Winograd with the turned kernel; the transposed Winograd steps) against XLA's direct convolution, float32
-  and bfloat16."""
+@pytest.mark.parametrize("n,h,w,c,o,chunks", [(2, 1, 1, 3, 2, 1), (2, 5, 3, 4, 6, 2), (1, 7, 9, 8, 5, 1),
+                                               (3, 8, 8, 5, 7, 1), (6, 8, 8, 5, 7, 3)])
+def test_winograd_matches_direct_convolution_at_any_size(n, h, w, c, o, chunks, monkeypatch):
+  """F(4x4, 3x3) on sizes that are and are not whole 4x4 tiles, over the whole batch and in batch chunks:
+  values and both gradients (the custom VJP: Winograd with the turned kernel; the transposed Winograd steps)
+  against XLA's direct convolution, float32 and bfloat16."""
+  # Chunks of n / chunks examples: the chunk budget is one such chunk's largest activation in bytes.
+  monkeypatch.setattr(conv_lib, "_WINOGRAD_CHUNK_BYTES", 4 * h * w * max(c, o) * (n // chunks))
+  assert conv_lib._num_batch_chunks(n, 4 * h * w * max(c, o)) == chunks
   rng = np.random.default_rng(0)
   x, kernel = rng.standard_normal((n, h, w, c), np.float32), rng.standard_normal((3, 3, c, o), np.float32)
   g = rng.standard_normal((n, h, w, o), np.float32)
