@@ -22,7 +22,8 @@ convolution and its transpose.
   gradient, its transpose) as one matmul per kernel offset where they have 64 or more input channels; also
   CPU only, same parameters. That last part took the ResNet-18 step from 15.5-16.0 s to 13.7-14.4 s (two
   runs each, alternated; XLA:CPU computes a strided layer's input gradient as a convolution of the
-  stride-dilated gradient, three quarters of it multiplications by zero). Per
+  stride-dilated gradient, three quarters of it multiplications by zero). The Winograd layers run over the
+  batch in cache-sized chunks (_WINOGRAD_CHUNK_BYTES), which halved their time again. Per
   6x6 input tile, channel pair and 4x4 output tile it multiplies 36 times instead of 144; the products
   become 36 batched matmuls (one per transformed-tile position) between cheap elementwise transforms. A
   custom VJP keeps the backward pass Winograd too: the input gradient is the same convolution with the
