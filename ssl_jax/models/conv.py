@@ -187,8 +187,10 @@ _TAPS_MIN_CHANNELS = 64
 # L3 32 MiB here): a whole-batch layer streams tiles 2.25x the size of its input through memory four times
 # and faults in fresh pages for each. Measured per layer (batch 512, forward + both gradients): 32x32x64
 # 1.36 s whole, 0.69 s in chunks of 16 (4 MiB), 0.80 s of 32; 16x16x128 0.86 / 0.31 (16) / 0.37 s (32);
-# 8x8x256 0.46 / 0.25 s (64); XLA's temporary memory 1441 MiB -> 55 MiB at 32x32x64.
-_WINOGRAD_CHUNK_BYTES = 4 * 2**20
+# 8x8x256 0.46 / 0.25 s (64); XLA's temporary memory 1441 MiB -> 55 MiB at 32x32x64. On the whole SimCLR
+# ResNet-18 step (benchmarks/simclr_step.py, alternated in one sitting): budget 1 MiB 11.6 s, 2 MiB 11.1
+# and 11.4 s, 4 MiB 13.0 and 13.0 s.
+_WINOGRAD_CHUNK_BYTES = 2 * 2**20
 
 
 def _small_matmul(matrix, x, axis: int):
