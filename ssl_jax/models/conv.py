@@ -104,7 +104,7 @@ def _taps_conv(x, w, strides, padding, precision):
   (the input gradient) is then one matmul per offset, each added into a strided slot of dx, instead of
   XLA:CPU's transposed convolution, which for a strided layer convolves the stride-dilated gradient and
   so multiplies by zeros three times in four (2x2 strides)."""
-  kernel_spatial, (c, o) = w.shape[:-2], w.shape[-2:]
+  kernel_spatial, c = w.shape[:-2], w.shape[-2]
   x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in padding), (0, 0, 0)])
   out_spatial = [(size - k) // s + 1 for size, k, s in zip(x.shape[1:-1], kernel_spatial, strides)]
   y = None
