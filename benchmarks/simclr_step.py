@@ -10,6 +10,7 @@ Ends with a markdown table for the README.
     python benchmarks/simclr_step.py                                  # width 64, batch 256
     python benchmarks/simclr_step.py --width 16                       # quick (about a minute)
     python benchmarks/simclr_step.py --conv_impl xla --breakdown      # + where the step's time goes
+    python benchmarks/simclr_step.py --conv_impl winograd --rounds 3  # alternated, ratios per round
 
 Figures, not tests: nothing here is asserted. The torch column needs `pip install torch` (not a
 requirement of the library); without it the column prints a skip line.
@@ -40,6 +41,9 @@ def parse_args(argv=None):
   p.add_argument("--width", type=int, default=64, help="ResNet-18 first-stage channels (64 = the paper)")
   p.add_argument("--steps", type=int, default=3, help="timed steps per column")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (at least 1)")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="run the step columns this many times, alternating (A B A B ...): the machine's speed "
+                      "drifts between minutes, and a ratio within one round is the comparison that holds")
   p.add_argument("--conv_impl", default="patches,winograd",
                  help="comma-separated ssl_jax model.conv_impl columns to run (xla, patches, winograd)")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores every column may use")
@@ -345,38 +349,49 @@ def main(argv=None):
         f"{os.cpu_count()} CPUs on this machine", flush=True)
   conv_gflop = conv_gflop_per_step(args.width, args.batch_size)
   print(f"convolutions, forward and backward: {conv_gflop:.0f} GFLOP per step", flush=True)
-  results = []
   impls = [impl.strip() for impl in args.conv_impl.split(",") if impl.strip()]
   if unknown := sorted(set(impls) - {"xla", "patches", "winograd"}):
     sys.exit(f"error: --conv_impl takes xla, patches and winograd, got {', '.join(unknown)}")
-  for impl in impls:
-    print(f"ssl_jax, conv_impl={impl}:", flush=True)
-    r = spawn(argv, f"jax:{impl}")
-    if r:
-      results.append(r)
-      print(f"  {r['images_per_s']:.1f} images/s (median step {r['step_s']:.2f} s, best "
-            f"{r['best_step_s']:.2f} s); compile {r['compile_s']:.1f} s; peak RSS {r['peak_rss_mib']:.0f} MiB; "
-            f"XLA memory analysis {r['xla_peak_mib']:.0f} MiB (temp {r['xla_temp_mib']:.0f} MiB); "
-            f"convolutions at {conv_gflop / r['step_s']:.1f} GFLOP/s", flush=True)
-
+  if args.rounds < 1:
+    sys.exit(f"error: --rounds must be at least 1, got {args.rounds}")
   try:
     import torch  # noqa: F401
     has_torch = True
   except ImportError:
     has_torch = False
-  print("PyTorch:", flush=True)
   if args.no_torch:
-    print("  skipped (--no_torch)")
+    print("PyTorch: skipped (--no_torch)")
   elif not has_torch:
-    print("  skipped: torch is not importable (pip install torch to add this column)")
-  else:
-    r = spawn(argv, "torch")
-    if r:
-      results.append(r)
-      print(f"  {r['images_per_s']:.1f} images/s (median step {r['step_s']:.2f} s, best "
-            f"{r['best_step_s']:.2f} s); first step "
-            f"{r['first_step_s']:.1f} s; peak RSS {r['peak_rss_mib']:.0f} MiB; convolutions at "
-            f"{conv_gflop / r['step_s']:.1f} GFLOP/s", flush=True)
+    print("PyTorch: skipped: torch is not importable (pip install torch to add this column)")
+  workers = [f"jax:{impl}" for impl in impls] + (["torch"] if has_torch and not args.no_torch else [])
+  per_round = []  # per round: {worker: result}
+  for round_index in range(args.rounds):
+    per_round.append({})
+    for worker in workers:
+      name = f"ssl_jax, conv_impl={worker[4:]}" if worker.startswith("jax:") else "PyTorch"
+      print(f"{name}" + (f" (round {round_index + 1}/{args.rounds})" if args.rounds > 1 else "") + ":", flush=True)
+      r = spawn(argv, worker)
+      if not r:
+        continue
+      per_round[-1][worker] = r
+      detail = (f"compile {r['compile_s']:.1f} s; peak RSS {r['peak_rss_mib']:.0f} MiB; XLA memory analysis "
+                f"{r['xla_peak_mib']:.0f} MiB (temp {r['xla_temp_mib']:.0f} MiB)" if "compile_s" in r
+                else f"first step {r['first_step_s']:.1f} s; peak RSS {r['peak_rss_mib']:.0f} MiB")
+      print(f"  {r['images_per_s']:.1f} images/s (median step {r['step_s']:.2f} s, best {r['best_step_s']:.2f} s); "
+            f"{detail}; convolutions at {conv_gflop / r['step_s']:.1f} GFLOP/s", flush=True)
+  # The table shows, per column, the round with the median step (the faster middle one for an even count).
+  results = []
+  for worker in workers:
+    runs = sorted((rnd[worker] for rnd in per_round if worker in rnd), key=lambda r: r["step_s"])
+    if runs:
+      results.append(runs[(len(runs) - 1) // 2])
+  if args.rounds > 1 and "torch" in workers:
+    for worker in workers[:-1]:
+      ratios = [rnd["torch"]["step_s"] / rnd[worker]["step_s"] for rnd in per_round
+                if worker in rnd and "torch" in rnd]
+      if ratios:
+        print(f"{worker[4:]} speed / PyTorch's, per round: " + ", ".join(f"{100 * q:.0f}%" for q in ratios)
+              + f"; median {100 * statistics.median(ratios):.0f}%")
 
   print("input pipeline (pretrain_batches on CIFAR-10 alone):", flush=True)
   pipeline_result = None
