@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import pathlib
@@ -354,11 +355,7 @@ def main(argv=None):
     sys.exit(f"error: --conv_impl takes xla, patches and winograd, got {', '.join(unknown)}")
   if args.rounds < 1:
     sys.exit(f"error: --rounds must be at least 1, got {args.rounds}")
-  try:
-    import torch  # noqa: F401
-    has_torch = True
-  except ImportError:
-    has_torch = False
+  has_torch = importlib.util.find_spec("torch") is not None
   if args.no_torch:
     print("PyTorch: skipped (--no_torch)")
   elif not has_torch:
