@@ -27,8 +27,10 @@ def get_config(arg=None):
   cfg.keep_checkpoints = 100  # every checkpoint is a point of the kNN curve
   cfg.shuffle_buffer = 4000
   # conv_impl="patches": the CPU kernel-gradient rewrite (same numbers, about 2x faster on XLA:CPU). Not
-  # "winograd": at width 16 its narrow matmuls lose to the transforms' cost (SimCLR step, batch 128:
-  # 54.3 images/s against 75.3; `python benchmarks/simclr_step.py --width 16 --batch_size 128 --steps 5`).
+  # "winograd": at width 16 its narrow matmuls only level with "patches" (SimCLR step, batch 128, two
+  # alternated runs: 136 and 146 images/s against 133 and 119) and it compiles three times slower (22 s
+  # against 7.5; `python benchmarks/simclr_step.py --width 16 --batch_size 128 --steps 5 --no_torch
+  # --rounds 2`).
   cfg.model.update(depth=18, width=16, cifar_stem=True, conv_impl="patches")
   cfg.optimizer.update(name="lars", base_learning_rate=1.0, lr_scaling="linear", weight_decay=1e-6,
                        warmup_epochs=1.0)

@@ -183,6 +183,23 @@ def test_winograd_matches_direct_convolution_at_any_size(n, h, w, c, o, chunks, 
                              atol=1e-2)
 
 
+@pytest.mark.parametrize("h,w", [(8, 8), (5, 7), (1, 1)])
+def test_winograd_backward_transforms_are_the_forward_transposes(h, w):
+  """The custom VJP's tile transforms against JAX's own transposes of the forward ones: the output
+  gradient's tiles (transposed output transform) and the overlap-add back to the input (transposed input
+  transform), on whole and partial 4x4 tiles."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, h, w, 3), np.float32)
+  tiles = jax.eval_shape(conv_lib._input_tiles, x)
+  dv = rng.standard_normal(tiles.shape, np.float32)
+  g = rng.standard_normal((2, h, w, 5), np.float32)
+  m = jax.ShapeDtypeStruct((tiles.shape[0], tiles.shape[1], 5), jnp.float32)
+  (want_dx,) = jax.linear_transpose(conv_lib._input_tiles, x)(dv)
+  (want_gt,) = jax.linear_transpose(lambda m_: conv_lib._output_from_tiles(m_, g.shape), m)(g)
+  np.testing.assert_allclose(conv_lib._input_from_tiles(dv, x.shape), want_dx, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(conv_lib._gradient_tiles(g), want_gt, rtol=1e-5, atol=1e-4)
+
+
 def test_config_validation_knows_every_conv_impl():
   from ssl_jax import config as config_lib
   assert config_lib.CONV_IMPLS == tuple(conv_lib.CONV_IMPLS)

@@ -19,24 +19,21 @@ convolution and its transpose.
 
 * "winograd": the SAME 3x3 stride-1 convolutions (14 of the CIFAR ResNet-18's 20, nearly all of its FLOPs) by
   Winograd's minimal filtering F(4x4, 3x3), the others as "patches" with the forward pass (and so the input
-  gradient, its transpose) as one matmul per kernel offset where they have 64 or more input channels; also
-  CPU only, same parameters. That last part took the ResNet-18 step from 15.5-16.0 s to 13.7-14.4 s (two
-  runs each, alternated; XLA:CPU computes a strided layer's input gradient as a convolution of the
-  stride-dilated gradient, three quarters of it multiplications by zero). The Winograd layers run over the
-  batch in cache-sized chunks (_WINOGRAD_CHUNK_BYTES), which halved their time again. Per
-  6x6 input tile, channel pair and 4x4 output tile it multiplies 36 times instead of 144; the products
-  become 36 batched matmuls (one per transformed-tile position) between cheap elementwise transforms. A
-  custom VJP keeps the backward pass Winograd too: the input gradient is the same convolution with the
-  turned kernel, the kernel gradient JAX's transpose of the Winograd steps in the kernel. Measured on the
-  SimCLR ResNet-18 step (batch 256, width 64, this 2-core machine; benchmarks/simclr_step.py), one run:
-  21.1 s per step against 31.4 s for "patches" and 22.9 s for PyTorch. Letting JAX differentiate the
-  Winograd forward instead (its input gradient then sums overlapping tiles, and the transformed tiles are
-  kept for the backward pass) measured 24.7-26.9 s against 18.9-21.0 s, back to back; taking the kernel
-  gradient from "patches" 23.9-26.8 s (and, with the autodiff version, Winograd on the wide late stages
-  only: 24.5-25.8 s against 21.6-23.2 s). At width 16 it is slower than "patches" (batch 128: 54.3 against 75.3 images/s): with
-  16-128 channels the matmuls are too narrow to pay for the transforms. Rounding: relative error ~1e-5
-  against the direct convolution in float32 (tests/test_conv.py), computed in float32 whatever the
-  compute dtype.
+  gradient, its transpose) as one matmul per kernel offset where they have 64 or more input channels
+  (XLA:CPU computes a strided layer's input gradient as a convolution of the stride-dilated gradient, three
+  quarters of it multiplications by zero); also CPU only, same parameters. Per 6x6 input tile, channel pair
+  and 4x4 output tile it multiplies 36 times instead of 144: 36 batched matmuls (one per transformed-tile
+  position) between elementwise transforms, run over the batch in cache-sized chunks. A custom VJP starts
+  both gradients from the output gradient's tiles (the transposed output transform): the input gradient is
+  the transposed input transform of those tiles times the kernel's (overlapping tiles summed back), the
+  kernel gradient the product of the input tiles with them, summed over the batch. Letting JAX
+  differentiate the Winograd forward instead measured 24.7-26.9 s per SimCLR step against 18.9-21.0 s (an
+  early version, back to back), and the previous custom VJP (input gradient as a second Winograd
+  convolution with the turned kernel, kernel gradient JAX's transpose of the forward in the kernel) 10.88 s
+  against 10.00 s for this one (median of five alternated steps, benchmarks/simclr_step.py, ResNet-18 width
+  64, batch 256). At width 16 (the quickstart's) it is level with "patches" (batch 128, two alternated runs:
+  136 and 146 against 133 and 119 images/s) and compiles three times slower (22 s against 7.5 s). Rounding: relative error ~1e-5 against the direct convolution in float32
+  (tests/test_conv.py), computed in float32 whatever the compute dtype.
 """
 
 from __future__ import annotations
@@ -183,26 +180,133 @@ _WINOGRAD_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
 _WINOGRAD_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
 _TILE_OUT, _TILE_IN = 4, 6
 _TAPS_MIN_CHANNELS = 64
-# The Winograd layers run over the batch in chunks whose activations fit in the caches (L2 2 MiB per core,
-# L3 32 MiB here): a whole-batch layer streams tiles 2.25x the size of its input through memory four times
-# and faults in fresh pages for each. Measured per layer (batch 512, forward + both gradients): 32x32x64
-# 1.36 s whole, 0.69 s in chunks of 16 (4 MiB), 0.80 s of 32; 16x16x128 0.86 / 0.31 (16) / 0.37 s (32);
-# 8x8x256 0.46 / 0.25 s (64); XLA's temporary memory 1441 MiB -> 55 MiB at 32x32x64. On the whole SimCLR
-# ResNet-18 step (benchmarks/simclr_step.py, alternated in one sitting): budget 1 MiB 11.6 s, 2 MiB 11.1
-# and 11.4 s, 4 MiB 13.0 and 13.0 s.
+# The Winograd layers run over the batch in chunks whose activations fit in the caches (L2 1 MiB per core,
+# L3 32 MiB here): a whole-batch layer streams tiles 2.25x the size of its input through memory and
+# faults in fresh pages for them. Measured per layer (batch 512, forward + both gradients), first version:
+# 32x32x64 1.36 s whole, 0.69 s in chunks of 16 (4 MiB), 0.80 s of 32; 16x16x128 0.86 / 0.31 (16) / 0.37 s
+# (32); 8x8x256 0.46 / 0.25 s (64); XLA's temporary memory 1441 MiB -> 55 MiB at 32x32x64. On the whole
+# SimCLR ResNet-18 step (benchmarks/simclr_step.py, alternated in one sitting): budget 1 MiB 11.6 s, 2 MiB
+# 11.1 and 11.4 s, 4 MiB 13.0 and 13.0 s. The current transforms, per layer, 1 / 2 / 4 MiB: 32x32x64 895 /
+# 866 / 975 ms, 16x16x128 564 / 579 / 648 ms, 8x8x256 587 / 413 / 472 ms, 4x4x512 484 / 427 / 374 ms.
 _WINOGRAD_CHUNK_BYTES = 2 * 2**20
 
 
-def _small_matmul(matrix, x, axis: int):
-  """out[.., i, ..] = sum_j matrix[i][j] * x[.., j, ..] along `axis`, as explicit adds of slices: the
-  matrices are small and mostly 0 and +-1, so this is cheaper than a dot and XLA fuses it elementwise."""
-  parts = [lax.index_in_dim(x, j, axis, keepdims=False) for j in range(x.shape[axis])]
-  rows = []
-  for row in matrix:
-    terms = [parts[j] if c == 1 else -parts[j] if c == -1 else parts[j] * jnp.asarray(c, x.dtype)
-             for j, c in enumerate(row) if c != 0]
-    rows.append(functools.reduce(lax.add, terms))
-  return jnp.stack(rows, axis)
+def _transposed(matrix):
+  return tuple(zip(*matrix))
+
+
+def _combine(coefficients, terms):
+  """sum_j coefficients[j] * terms[j], skipping zeros and multiplying only by coefficients other than +-1:
+  the transform matrices are small and mostly 0 and +-1, so explicit adds beat a dot, and XLA fuses them."""
+  total = None
+  for c, t in zip(coefficients, terms):
+    if c == 0:
+      continue
+    t = t if c == 1 else -t if c == -1 else t * jnp.asarray(c, t.dtype)
+    total = t if total is None else total + t
+  return total
+
+
+def _pad_axis(a, axis: int, low: int, high: int):
+  return lax.pad(a, jnp.zeros((), a.dtype), [(low, high, 0) if d == axis else (0, 0, 0) for d in range(a.ndim)])
+
+
+# Each transform below is two separable passes (rows, then columns) over the chunk, every pass one sum of
+# slices stacked straight into the layout the next step reads: no tile gathering by concatenation and no
+# transposes. XLA:CPU emits each pass as one loop fusion; written as 1-D matrix products over gathered
+# 6x6 tiles (the first version) the same transforms took five or six fusions each, and a layer's
+# elementwise time was 377 ms against 234 ms now (32x32x64, batch 512, forward + both gradients).
+
+def _num_tiles(h: int, w: int):
+  return -(-h // _TILE_OUT), -(-w // _TILE_OUT)
+
+
+def _input_tiles(x):
+  """B^T d B for every 6x6 input tile d (SAME padding): x [n, h, w, c] -> [36, n * th * tw, c]."""
+  n, h, w, c = x.shape
+  th, tw = _num_tiles(h, w)
+  # Pad by 1 (SAME) in front and up to whole 4-row blocks plus one behind: tile i covers padded rows
+  # 4i..4i+5, i.e. block i and the first two rows of block i + 1.
+  x = jnp.pad(x, ((0, 0), (1, _TILE_OUT * (th + 1) - h - 1), (1, _TILE_OUT * (tw + 1) - w - 1), (0, 0)))
+  x = x.reshape(n, th + 1, _TILE_OUT, (tw + 1) * _TILE_OUT, c)
+  rows = [x[:, r // _TILE_OUT:r // _TILE_OUT + th, r % _TILE_OUT] for r in range(_TILE_IN)]  # n, th, W, c
+  v = jnp.stack([_combine(coefficients, rows) for coefficients in _WINOGRAD_BT])
+  v = v.reshape(_TILE_IN, n, th, tw + 1, _TILE_OUT, c)
+  cols = [v[:, :, :, s // _TILE_OUT:s // _TILE_OUT + tw, s % _TILE_OUT] for s in range(_TILE_IN)]
+  v = jnp.stack([_combine(coefficients, cols) for coefficients in _WINOGRAD_BT], axis=1)  # 6, 6, n, th, tw, c
+  return v.reshape(_TILE_IN**2, n * th * tw, c)
+
+
+def _output_from_tiles(m, shape):
+  """A^T m A for every tile: m [36, n * th * tw, o] -> y [n, h, w, o], shape = (n, h, w, o)."""
+  n, h, w, o = shape
+  th, tw = _num_tiles(h, w)
+  m = m.reshape(_TILE_IN, _TILE_IN, n, th, tw, o)
+  rows = jnp.stack([_combine(coefficients, list(m)) for coefficients in _WINOGRAD_AT])  # 4, 6, n, th, tw, o
+  y = jnp.stack([jnp.stack([_combine(coefficients, list(row)) for coefficients in _WINOGRAD_AT], axis=3)
+                 for row in rows], axis=2)                                               # n, th, 4, tw, 4, o
+  return y.reshape(n, th * _TILE_OUT, tw * _TILE_OUT, o)[:, :h, :w]
+
+
+def _gradient_tiles(g):
+  """The transpose of _output_from_tiles, A g A^T for every 4x4 tile of g: [n, h, w, o] -> [36, T, o]."""
+  n, h, w, o = g.shape
+  th, tw = _num_tiles(h, w)
+  g = jnp.pad(g, ((0, 0), (0, th * _TILE_OUT - h), (0, tw * _TILE_OUT - w), (0, 0)))
+  g = g.reshape(n, th, _TILE_OUT, tw, _TILE_OUT, o)
+  a = _transposed(_WINOGRAD_AT)
+  rows = jnp.stack([_combine(coefficients, [g[:, :, r] for r in range(_TILE_OUT)]) for coefficients in a])
+  t = jnp.stack([_combine(coefficients, [rows[..., s, :] for s in range(_TILE_OUT)]) for coefficients in a],
+                axis=1)                                                                  # 6, 6, n, th, tw, o
+  return t.reshape(_TILE_IN**2, n * th * tw, o)
+
+
+def _input_from_tiles(dv, shape):
+  """The transpose of _input_tiles: B dv B^T for every tile, overlapping tiles summed into the input they
+  came from (rows 4 and 5 of tile i are rows 0 and 1 of tile i + 1's block). dv [36, T, c] -> [n, h, w, c]."""
+  n, h, w, c = shape
+  th, tw = _num_tiles(h, w)
+  dv = dv.reshape(_TILE_IN, _TILE_IN, n, th, tw, c)
+  b = _transposed(_WINOGRAD_BT)
+
+  def blocks(parts, axis):
+    """Six tile-local rows (or columns) -> four block rows over th + 1 (tw + 1) blocks."""
+    return [_pad_axis(parts[r], axis, 0, 1) + (_pad_axis(parts[r + _TILE_OUT], axis, 1, 0)
+                                              if r + _TILE_OUT < _TILE_IN else 0)
+            for r in range(_TILE_OUT)]
+
+  cols = [_combine(coefficients, [dv[:, s] for s in range(_TILE_IN)]) for coefficients in b]  # 6, n, th, tw, c
+  cols = jnp.stack(blocks(cols, 3), axis=4)                                                  # 6, n, th, tw+1, 4, c
+  rows = [_combine(coefficients, list(cols)) for coefficients in b]                         # n, th, tw+1, 4, c
+  dx = jnp.stack(blocks(rows, 1), axis=2)                                                    # n, th+1, 4, tw+1, 4, c
+  dx = dx.reshape(n, (th + 1) * _TILE_OUT, (tw + 1) * _TILE_OUT, c)
+  return dx[:, 1:h + 1, 1:w + 1]
+
+
+def _kernel_tiles(w):
+  """G w G^T: [3, 3, c, o] -> [36, c, o]."""
+  rows = [_combine(coefficients, list(w)) for coefficients in _WINOGRAD_G]
+  return jnp.stack([jnp.stack([_combine(coefficients, list(row)) for coefficients in _WINOGRAD_G])
+                    for row in rows]).reshape(_TILE_IN**2, *w.shape[2:])
+
+
+def _kernel_from_tiles(du):
+  """The transpose of _kernel_tiles: [36, c, o] -> [3, 3, c, o]."""
+  du = du.reshape(_TILE_IN, _TILE_IN, *du.shape[1:])
+  g = _transposed(_WINOGRAD_G)
+  rows = [_combine(coefficients, list(du)) for coefficients in g]
+  return jnp.stack([jnp.stack([_combine(coefficients, list(row)) for coefficients in g]) for row in rows])
+
+
+def _tile_matmul(a, b, precision, contract: int):
+  """36 matmuls, one per tile position: a [36, ., .] contracted over its axis `contract` with b's axis 1."""
+  return lax.dot_general(a, b, (((contract,), (1,)), ((0,), (0,))), precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+def _winograd_chunk(x, u, out_channels: int, precision):
+  m = _tile_matmul(_input_tiles(x.astype(jnp.float32)), u, precision, 2)
+  return _output_from_tiles(m, (*x.shape[:3], out_channels))
 
 
 def winograd_conv3x3(x, w, precision=None):
@@ -211,26 +315,7 @@ def winograd_conv3x3(x, w, precision=None):
   Written with jnp ops only, so JAX can differentiate it (the layers use the custom VJP below, which
   measured faster). Computed in float32 whatever the input dtype (the transforms amplify rounding errors;
   measured relative error ~1e-5 in float32)."""
-  n, h, wd, c = x.shape
-  o = w.shape[-1]
-  dtype = x.dtype
-  x, w = x.astype(jnp.float32), w.astype(jnp.float32)
-  th, tw = -(-h // _TILE_OUT), -(-wd // _TILE_OUT)
-  # Pad by 1 (SAME) in front and up to whole tiles plus one block behind; tile (i, j) covers padded rows
-  # 4i..4i+5: block i (4 rows) followed by the first 2 rows of block i + 1.
-  x = jnp.pad(x, ((0, 0), (1, _TILE_OUT * (th + 1) - h - 1), (1, _TILE_OUT * (tw + 1) - wd - 1), (0, 0)))
-  blocks = x.reshape(n, th + 1, _TILE_OUT, tw + 1, _TILE_OUT, c)
-  extra = _TILE_IN - _TILE_OUT
-  rows = jnp.concatenate([blocks[:, :th], blocks[:, 1:, :extra]], axis=2)
-  tiles = jnp.concatenate([rows[:, :, :, :tw], rows[:, :, :, 1:, :extra]], axis=4)  # n, th, 6, tw, 6, c
-  v = _small_matmul(_WINOGRAD_BT, _small_matmul(_WINOGRAD_BT, tiles, 2), 4)
-  v = v.transpose(2, 4, 0, 1, 3, 5).reshape(_TILE_IN**2, n * th * tw, c)
-  u = _small_matmul(_WINOGRAD_G, _small_matmul(_WINOGRAD_G, w, 0), 1).reshape(_TILE_IN**2, c, o)
-  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)
-  m = m.reshape(_TILE_IN, _TILE_IN, n, th, tw, o)
-  y = _small_matmul(_WINOGRAD_AT, _small_matmul(_WINOGRAD_AT, m, 0), 1)  # 4, 4, n, th, tw, o
-  y = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, th * _TILE_OUT, tw * _TILE_OUT, o)
-  return y[:, :h, :wd].astype(dtype)
+  return _winograd_chunk(x, _kernel_tiles(w.astype(jnp.float32)), w.shape[-1], precision).astype(x.dtype)
 
 
 def _num_batch_chunks(n: int, bytes_per_example: int) -> int:
@@ -240,56 +325,78 @@ def _num_batch_chunks(n: int, bytes_per_example: int) -> int:
   return n // max(d for d in range(1, min(n, target) + 1) if n % d == 0)
 
 
-def _chunk(a, num_chunks: int, i):
-  """Chunk i of a's batch: examples i, i + num_chunks, i + 2 num_chunks, ... Interleaved rather than
-  consecutive so that, under a global-view jit with the batch sharded over devices, the batch sharding can
-  stay on the chunk's own axis and each device loops over its own examples (the train step's shard_map
-  sees per-device arrays anyway; the global-view case is not measured here)."""
-  a = a.reshape(a.shape[0] // num_chunks, num_chunks, *a.shape[1:])
-  return lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False)
+# Chunk i holds examples i, i + k, i + 2k, ... of a batch split into k chunks: the [n / k, k, ...] view of the
+# batch indexed on its second axis. Interleaved rather than consecutive so that, under a global-view jit with
+# the batch sharded over devices, the sharding can stay on the view's first axis and each device loops over
+# its own examples (the train step's shard_map sees per-device arrays anyway; the global-view case is not
+# measured here). Each chunk's result is written in place into the same view of the output, so the output
+# needs no reordering copy afterwards.
+
+def _chunk_view(a, num_chunks: int):
+  return a.reshape(a.shape[0] // num_chunks, num_chunks, *a.shape[1:])
 
 
-def _unchunk(chunks, num_chunks: int):
-  """Inverse of _chunk over all i: [num_chunks, n / num_chunks, ...] -> [n, ...]."""
-  return chunks.swapaxes(0, 1).reshape(-1, *chunks.shape[2:])
+def _varying_like(a, reference):
+  """`a` (built from constants) typed as varying over the mesh axes `reference` varies over, as a loop
+  carry that the loop body updates from `reference` must be under shard_map."""
+  axes = jax.typeof(reference).manual_axis_type.varying - jax.typeof(a).manual_axis_type.varying
+  return lax.pcast(a, tuple(sorted(axes)), to="varying") if axes else a
 
 
-def _chunked_winograd(x, w, precision, num_chunks: int):
+def _over_chunks(chunk_fn, inputs, out_shape, out_dtype, num_chunks: int, accumulator=None):
+  """Runs chunk_fn over the batch chunks of `inputs` (arrays with the same batch size). chunk_fn(*chunks)
+  returns the chunk's output (and, with `accumulator`, a value summed over the chunks, started at
+  `accumulator`). Returns the [n, ...] output (and the sum)."""
   if num_chunks == 1:
-    return winograd_conv3x3(x, w, precision)
-  return _unchunk(lax.map(lambda i: winograd_conv3x3(_chunk(x, num_chunks, i), w, precision),
-                          jnp.arange(num_chunks)), num_chunks)
+    result = chunk_fn(*inputs)
+    if accumulator is None:
+      return result.astype(out_dtype)
+    return result[0].astype(out_dtype), accumulator + result[1]
+  views = [_chunk_view(a, num_chunks) for a in inputs]
+  out = _varying_like(jnp.zeros((out_shape[0] // num_chunks, num_chunks, *out_shape[1:]), out_dtype), inputs[0])
+
+  def body(i, carry):
+    out, total = carry
+    result = chunk_fn(*(lax.dynamic_index_in_dim(v, i, axis=1, keepdims=False) for v in views))
+    if accumulator is not None:
+      result, part = result
+      total = total + part
+    return lax.dynamic_update_index_in_dim(out, result.astype(out_dtype), i, axis=1), total
+
+  total = None if accumulator is None else _varying_like(accumulator, inputs[0])
+  out, total = lax.fori_loop(0, num_chunks, body, (out, total))
+  out = out.reshape(out_shape)
+  return out if accumulator is None else (out, total)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _winograd_conv(x, w, precision, num_chunks):
-  return _chunked_winograd(x, w, precision, num_chunks)
+  return _winograd_conv_fwd(x, w, precision, num_chunks)[0]
 
 
 def _winograd_conv_fwd(x, w, precision, num_chunks):
+  u, o = _kernel_tiles(w.astype(jnp.float32)), w.shape[-1]
+  y = _over_chunks(lambda xi: _winograd_chunk(xi, u, o, precision), [x], (*x.shape[:3], o), x.dtype, num_chunks)
   # Keeps x, not its transformed tiles (2.25x larger): the backward pass transforms x again.
-  return _chunked_winograd(x, w, precision, num_chunks), (x, w)
+  return y, (x, w)
 
 
 def _winograd_conv_bwd(precision, num_chunks, residuals, g):
   x, w = residuals
-  # The input gradient of a SAME 3x3 stride-1 convolution is the same convolution of g with the kernel
-  # turned 180 degrees and its in/out channels swapped: Winograd again, with no overlapping tile sums
-  # (which JAX's own transpose of the tile extraction would need).
-  dx = _chunked_winograd(g, w[::-1, ::-1].swapaxes(2, 3), precision, num_chunks).astype(x.dtype)
+  c, o = w.shape[2:]
+  u = _kernel_tiles(w.astype(jnp.float32))
 
-  # The kernel gradient: JAX's transpose of the Winograd steps in w, i.e. one product of the transformed
-  # input tiles with the transformed output-gradient tiles per tile position (36 batched matmuls), summed
-  # over the chunks.
-  def chunk_kernel_grad(i):
-    xi, gi = (x, g) if num_chunks == 1 else (_chunk(x, num_chunks, i), _chunk(g, num_chunks, i))
-    _, kernel_vjp = jax.vjp(lambda w_: winograd_conv3x3(xi, w_, precision), w)
-    return kernel_vjp(gi)[0].astype(jnp.float32)
+  def chunk(xi, gi):
+    # Both gradients start from the output gradient's tiles A g A^T (the transpose of the output transform):
+    # dx is the transposed input transform of (those tiles times u^T) per tile position, dw the transposed
+    # kernel transform of (the input tiles^T times those tiles), summed over the batch.
+    gt = _gradient_tiles(gi.astype(jnp.float32))
+    dxi = _input_from_tiles(_tile_matmul(gt, u.swapaxes(1, 2), precision, 2), xi.shape)
+    return dxi, _tile_matmul(_input_tiles(xi.astype(jnp.float32)), gt, precision, 1)
 
-  if num_chunks == 1:
-    return dx, chunk_kernel_grad(0).astype(w.dtype)
-  dw = lax.fori_loop(1, num_chunks, lambda i, acc: acc + chunk_kernel_grad(i), chunk_kernel_grad(0))
-  return dx, dw.astype(w.dtype)
+  dx, du = _over_chunks(chunk, [x, g], x.shape, x.dtype, num_chunks,
+                        accumulator=jnp.zeros((_TILE_IN**2, c, o), jnp.float32))
+  return dx, _kernel_from_tiles(du).astype(w.dtype)
 
 
 _winograd_conv.defvjp(_winograd_conv_fwd, _winograd_conv_bwd)
