@@ -39,6 +39,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   cfg.log_every_steps = 50
   cfg.checkpoint_every_steps = 1000
   cfg.keep_checkpoints = 3
+  cfg.steps_per_loop = 1          # steps per compiled call (lax.scan over stacked batches); divides the two above
   cfg.shuffle_buffer = 50_000
   cfg.data_shards = 0             # input streams making up each global batch; 0: one per process
   cfg.cache_dataset = True        # keep the decoded split in memory (small datasets)
@@ -203,6 +204,10 @@ def validate(cfg, num_devices: int, num_processes: int = 1) -> None:
     fail("set total_steps > 0 or num_epochs > 0")
   if cfg.log_every_steps <= 0 or cfg.checkpoint_every_steps <= 0:
     fail("log_every_steps and checkpoint_every_steps must be > 0")
+  if cfg.steps_per_loop <= 0 or cfg.log_every_steps % cfg.steps_per_loop or (
+      cfg.checkpoint_every_steps % cfg.steps_per_loop):
+    fail(f"steps_per_loop={cfg.steps_per_loop} must be > 0 and divide log_every_steps={cfg.log_every_steps} "
+         f"and checkpoint_every_steps={cfg.checkpoint_every_steps}")
   if cfg.model.dtype not in ("float32", "bfloat16"):
     fail(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
   if cfg.model.conv_impl not in CONV_IMPLS:

@@ -39,8 +39,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharded(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA))
+def batch_sharded(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+  """Examples split over the data axis: axis 0, or with `stacked` axis 1 (steps stacked on axis 0)."""
+  return NamedSharding(mesh, P(None, DATA) if stacked else P(DATA))
 
 
 def check_batch_split(global_batch: int, mesh: Mesh | None = None) -> None:
@@ -59,10 +60,10 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // jax.process_count()
 
 
-def to_global(mesh: Mesh, local_tree: Any) -> Any:
-  """Assembles process-local numpy batches (leading axis = this process's examples) into global arrays
-  sharded over the data axis."""
-  sharding = batch_sharded(mesh)
+def to_global(mesh: Mesh, local_tree: Any, stacked: bool = False) -> Any:
+  """Assembles process-local numpy batches (leading axis = this process's examples; with `stacked`, the
+  axis after a leading axis of steps) into global arrays sharded over the data axis."""
+  sharding = batch_sharded(mesh, stacked)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_tree)
 
 

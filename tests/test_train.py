@@ -72,6 +72,22 @@ def test_resume_equals_uninterrupted(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_steps_per_loop_matches_single_steps_and_resumes(tmp_path):
+  """Loops of steps_per_loop steps in one call give the losses and parameters of single steps. A run stopped
+  off the loop grid (step 3 of loops of 2) resumes with a single step to the next boundary, then loops."""
+  cfg = tiny("simclr", EMBEDDED_DATA_DIR, total_steps=6, log_every_steps=2, checkpoint_every_steps=4)
+  single = train.train(cfg, str(tmp_path / "single"))
+  cfg.steps_per_loop = 2
+  assert train.train(cfg, str(tmp_path / "looped"), stop_at_step=3)["step"] == 3
+  looped = train.train(cfg, str(tmp_path / "looped"))
+  want = {r["step"]: r["total_loss"] for r in read_metrics(tmp_path / "single")}
+  got = {r["step"]: r["total_loss"] for r in read_metrics(tmp_path / "looped")}
+  assert sorted(want) == [2, 4, 6] and sorted(got) == [2, 3, 4, 6]
+  np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.device_get(single["state"])), jax.tree.leaves(jax.device_get(looped["state"]))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   cfg = tiny("simclr", EMBEDDED_DATA_DIR, total_steps=5, checkpoint_every_steps=1)
   cfg.optimizer.update(name="sgd", base_learning_rate=1e30, lr_scaling="none", warmup_epochs=0.0)
@@ -118,6 +134,7 @@ BAD_INPUTS = [
      "queue_size=100 must be a multiple of batch_size=64"),
     (["--config=configs/simclr.py:cifar11"], "unknown config variant"),
     (["--config.model.conv_impl=cudnn"], "model.conv_impl must be xla, patches or winograd"),
+    (["--config.steps_per_loop=3", "--config.log_every_steps=10"], "steps_per_loop=3 must be > 0 and divide"),
 ]
 
 
