@@ -7,10 +7,19 @@ subprocess, so the peak is that column's alone), XLA's memory analysis of the co
 tf.data input pipeline's images/s on the real CIFAR-10 (skipped with a message when --data_dir is absent).
 Ends with a markdown table for the README.
 
+Every column is built and compiled once, in a process of its own that stays alive; with --rounds N the
+columns then take turns, each turn --warmup untimed steps and --steps timed ones, and each round's speed
+ratio to PyTorch is printed: this machine's speed drifts by 10-30% between minutes, so steps taken
+minutes apart do not compare. The untimed steps matter: a process that sat idle while another column ran
+has had its freed memory taken back by the host (this VM reports free pages to the hypervisor), and its
+next step faults all of it in again (system time 10-12 s instead of 3-4 s for ssl_jax's step here), which
+never happens between the back-to-back steps of a training run.
+
     python benchmarks/simclr_step.py                                  # width 64, batch 256
     python benchmarks/simclr_step.py --width 16                       # quick (about a minute)
     python benchmarks/simclr_step.py --conv_impl xla --breakdown      # + where the step's time goes
     python benchmarks/simclr_step.py --conv_impl winograd --rounds 3  # alternated, ratios per round
+    python benchmarks/simclr_step.py --conv_impl winograd,winograd:4  # + 4 steps per call (steps_per_loop)
 
 Figures, not tests: nothing here is asserted. The torch column needs `pip install torch` (not a
 requirement of the library); without it the column prints a skip line.
@@ -33,20 +42,22 @@ import time
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "tfds"
-RESULT_PREFIX, PROGRESS_PREFIX = "RESULT ", "PROGRESS "
+READY_PREFIX, RESULT_PREFIX, PROGRESS_PREFIX = "READY ", "RESULT ", "PROGRESS "
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch_size", type=int, default=256, help="global batch (images; two views each)")
   p.add_argument("--width", type=int, default=64, help="ResNet-18 first-stage channels (64 = the paper)")
-  p.add_argument("--steps", type=int, default=3, help="timed steps per column")
-  p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (at least 1)")
+  p.add_argument("--steps", type=int, default=3, help="timed steps per column and round")
+  p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones, every round")
   p.add_argument("--rounds", type=int, default=1,
-                 help="run the step columns this many times, alternating (A B A B ...): the machine's speed "
-                      "drifts between minutes, and a ratio within one round is the comparison that holds")
-  p.add_argument("--conv_impl", default="patches,winograd",
-                 help="comma-separated ssl_jax model.conv_impl columns to run (xla, patches, winograd)")
+                 help="turns each step column takes, alternating (A B A B ...): the machine's speed drifts "
+                      "between minutes, and a ratio within one round is the comparison that holds")
+  p.add_argument("--conv_impl", default="patches,winograd,winograd:4",
+                 help="comma-separated ssl_jax columns to run: a model.conv_impl (xla, patches, winograd), "
+                      "optionally :K for the trainer's steps_per_loop=K (K steps per compiled call; the "
+                      "time shown is per step)")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores every column may use")
   p.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR), help="prepared TFDS dir with cifar10")
   p.add_argument("--pipeline_batches", type=int, default=20, help="timed input-pipeline batches")
@@ -66,20 +77,27 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def timed_steps(run_step, warmup: int, steps: int):
-  """(seconds of the first call, seconds of each timed call); run_step() must block until done."""
-  start = time.perf_counter()
-  run_step()
-  first = time.perf_counter() - start
-  for _ in range(warmup - 1):
-    run_step()
-  times = []
-  for i in range(steps):
-    start = time.perf_counter()
-    run_step()
-    times.append(time.perf_counter() - start)
-    progress(f"step {i + 1}/{steps}: {times[-1]:.2f} s")
-  return first, times
+def serve(setup: dict, run_step) -> None:
+  """The worker side of a step column, once its step is built and compiled: prints READY with `setup`,
+  then answers each "steps W S" line on stdin by running W untimed and S timed calls of run_step() (which
+  blocks until done; with setup["steps_per_call"] = K > 1 each call is K steps, and W and S are divided by
+  K, at least one call each) and printing the seconds per step of each timed call; any other line ends it."""
+  print(READY_PREFIX + json.dumps(setup), flush=True)
+  per_call = setup.get("steps_per_call", 1)
+  for line in sys.stdin:
+    command = line.split()
+    if not command or command[0] != "steps":
+      return
+    warmup, calls = (max(1, round(int(n) / per_call)) if int(n) else 0 for n in command[1:3])
+    for _ in range(warmup):
+      run_step()
+    times = []
+    for i in range(calls):
+      start = time.perf_counter()
+      run_step()
+      times.append((time.perf_counter() - start) / per_call)
+      progress(f"call {i + 1}/{calls}: {times[-1]:.2f} s per step" + (f" ({per_call} steps)" if per_call > 1 else ""))
+    print(RESULT_PREFIX + json.dumps({"times": times, "peak_rss_mib": peak_rss_mib()}), flush=True)
 
 
 def simclr_config(args, conv_impl: str = "xla"):
@@ -103,15 +121,26 @@ def random_batch(batch_size: int, crop: int = 32, seed: int = 0):
           "index": np.arange(batch_size, dtype=np.int64)}
 
 
-def jax_column(args, conv_impl: str):
+def jax_column(args, column: str):
+  """column: "IMPL" or "IMPL:K" (model.conv_impl, steps_per_loop)."""
   import jax
+  import numpy as np
 
   from ssl_jax import parallel, train
+  conv_impl, _, loop = column.partition(":")
+  steps_per_loop = int(loop or 1)
   config = simclr_config(args, conv_impl)
+  config.update(steps_per_loop=steps_per_loop, log_every_steps=steps_per_loop, checkpoint_every_steps=steps_per_loop)
   mesh = parallel.make_mesh()
-  config, method, state, step_fn, _ = train.build(config, mesh, num_train_examples=50_000, num_classes=10)
+  config, method, state, step_fn, loop_fn, _ = train.build(config, mesh, num_train_examples=50_000,
+                                                           num_classes=10)
   assert method.encoder.conv_impl == conv_impl, (method.encoder.conv_impl, conv_impl)
-  batch = parallel.to_global(mesh, random_batch(args.batch_size))
+  batch = random_batch(args.batch_size)
+  if loop_fn is None:
+    batch = parallel.to_global(mesh, batch)
+  else:  # the same batch every step of the loop: a stack of steps_per_loop copies
+    step_fn, batch = loop_fn, parallel.to_global(mesh, jax.tree.map(lambda x: np.stack([x] * steps_per_loop), batch),
+                                                 stacked=True)
 
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
@@ -128,12 +157,9 @@ def jax_column(args, conv_impl: str):
     holder["state"], metrics = compiled(holder["state"], batch)
     jax.block_until_ready(metrics)
 
-  first, times = timed_steps(run_step, args.warmup, args.steps)
-  step_s = statistics.median(times)
-  return {"column": f"ssl_jax conv_impl={conv_impl}", "images_per_s": args.batch_size / step_s,
-          "step_s": step_s, "best_step_s": min(times), "compile_s": compile_s, "first_step_s": first,
-          "peak_rss_mib": peak_rss_mib(), "xla_peak_mib": xla_bytes / 2**20,
-          "xla_temp_mib": memory.temp_size_in_bytes / 2**20, "devices": jax.device_count()}
+  name = f"ssl_jax conv_impl={conv_impl}" + (f", steps_per_loop={steps_per_loop}" if steps_per_loop > 1 else "")
+  return {"column": name, "compile_s": compile_s, "xla_peak_mib": xla_bytes / 2**20, "steps_per_call": steps_per_loop,
+          "xla_temp_mib": memory.temp_size_in_bytes / 2**20, "devices": jax.device_count()}, run_step
 
 
 def pipeline_column(args):
@@ -228,11 +254,7 @@ def torch_column(args):
     loss.backward()
     lars_update()
 
-  first, times = timed_steps(run_step, args.warmup, args.steps)
-  step_s = statistics.median(times)
-  return {"column": f"PyTorch {torch.__version__} (eager)", "images_per_s": n / step_s, "step_s": step_s,
-          "best_step_s": min(times),
-          "first_step_s": first, "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
+  return {"column": f"PyTorch {torch.__version__} (eager)", "threads": torch.get_num_threads()}, run_step
 
 
 # -------------------------------------------------------------------------------------------- breakdown
@@ -313,27 +335,71 @@ def breakdown_column(args):
 
 def run_worker(args):
   kind, _, arg = args.worker.partition(":")
-  result = {"jax": lambda: jax_column(args, arg), "torch": lambda: torch_column(args),
-            "pipeline": lambda: pipeline_column(args), "breakdown": lambda: breakdown_column(args)}[kind]()
+  if kind in ("jax", "torch"):
+    return serve(*(jax_column(args, arg) if kind == "jax" else torch_column(args)))
+  result = {"pipeline": lambda: pipeline_column(args), "breakdown": lambda: breakdown_column(args)}[kind]()
   print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def spawn(argv, worker: str):
-  """Runs one column in a fresh process (its own peak RSS, no thread pools shared with other columns),
-  relaying its progress lines; returns its result dict, or None with the reason printed."""
-  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *argv, "--worker", worker]
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  result, tail = None, []
+def _worker_command(argv, worker: str):
+  return [sys.executable, str(pathlib.Path(__file__).resolve()), *argv, "--worker", worker]
+
+
+def _relay(proc, prefix: str, tail: list):
+  """Relays proc's progress lines until a line starting with `prefix`; returns its JSON (None at EOF)."""
   for line in proc.stdout:
-    if line.startswith(RESULT_PREFIX):
-      result = json.loads(line[len(RESULT_PREFIX):])
-    elif line.startswith(PROGRESS_PREFIX):
+    if line.startswith(prefix):
+      return json.loads(line[len(prefix):])
+    if line.startswith(PROGRESS_PREFIX):
       print("  " + line[len(PROGRESS_PREFIX):], end="", flush=True)
     else:
-      tail = (tail + [line.rstrip()])[-15:]
+      tail[:] = (tail + [line.rstrip()])[-15:]
+  return None
+
+
+def spawn(argv, worker: str):
+  """Runs a one-shot column (pipeline, breakdown) in a fresh process, relaying its progress lines; returns
+  its result dict, or None with the reason printed."""
+  proc = subprocess.Popen(_worker_command(argv, worker), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  tail = []
+  result = _relay(proc, RESULT_PREFIX, tail)
   if proc.wait() != 0 or result is None:
     print(f"  {worker} failed (exit {proc.returncode}):\n    " + "\n    ".join(tail))
   return result
+
+
+class StepWorker:
+  """A step column in its own process (its own peak RSS, no thread pools shared with other columns), kept
+  alive between rounds so that the columns' steps can alternate: the machine's speed drifts between
+  minutes, so only steps taken close together compare."""
+
+  def __init__(self, argv, worker: str):
+    self.worker, self.tail = worker, []
+    self.proc = subprocess.Popen(_worker_command(argv, worker), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    self.setup = _relay(self.proc, READY_PREFIX, self.tail)
+    if self.setup is None:
+      self.fail()
+
+  def run(self, warmup: int, steps: int):
+    """{"times": [...], "peak_rss_mib": ...} of `steps` timed steps after `warmup` untimed ones, or None."""
+    if self.setup is None:
+      return None
+    self.proc.stdin.write(f"steps {warmup} {steps}\n")
+    self.proc.stdin.flush()
+    result = _relay(self.proc, RESULT_PREFIX, self.tail)
+    if result is None:
+      self.fail()
+    return result
+
+  def fail(self):
+    self.setup = None
+    print(f"  {self.worker} failed (exit {self.proc.wait()}):\n    " + "\n    ".join(self.tail))
+
+  def close(self):
+    if self.proc.poll() is None:
+      self.proc.stdin.close()
+      self.proc.wait()
 
 
 def main(argv=None):
@@ -351,43 +417,57 @@ def main(argv=None):
   conv_gflop = conv_gflop_per_step(args.width, args.batch_size)
   print(f"convolutions, forward and backward: {conv_gflop:.0f} GFLOP per step", flush=True)
   impls = [impl.strip() for impl in args.conv_impl.split(",") if impl.strip()]
-  if unknown := sorted(set(impls) - {"xla", "patches", "winograd"}):
-    sys.exit(f"error: --conv_impl takes xla, patches and winograd, got {', '.join(unknown)}")
-  if args.rounds < 1:
-    sys.exit(f"error: --rounds must be at least 1, got {args.rounds}")
+  if unknown := sorted(i for i in impls if i.partition(":")[0] not in ("xla", "patches", "winograd")
+                       or not (i.partition(":")[2] or "1").isdigit() or int(i.partition(":")[2] or 1) < 1):
+    sys.exit(f"error: --conv_impl takes xla, patches and winograd, each optionally :K with K >= 1 steps per "
+             f"call, got {', '.join(unknown)}")
+  if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
+    sys.exit(f"error: --rounds and --steps must be at least 1 and --warmup at least 0, got {args.rounds}, "
+             f"{args.steps} and {args.warmup}")
   has_torch = importlib.util.find_spec("torch") is not None
   if args.no_torch:
     print("PyTorch: skipped (--no_torch)")
   elif not has_torch:
     print("PyTorch: skipped: torch is not importable (pip install torch to add this column)")
-  workers = [f"jax:{impl}" for impl in impls] + (["torch"] if has_torch and not args.no_torch else [])
-  per_round = []  # per round: {worker: result}
-  for round_index in range(args.rounds):
-    per_round.append({})
-    for worker in workers:
-      name = f"ssl_jax, conv_impl={worker[4:]}" if worker.startswith("jax:") else "PyTorch"
-      print(f"{name}" + (f" (round {round_index + 1}/{args.rounds})" if args.rounds > 1 else "") + ":", flush=True)
-      r = spawn(argv, worker)
-      if not r:
-        continue
-      per_round[-1][worker] = r
-      detail = (f"compile {r['compile_s']:.1f} s; peak RSS {r['peak_rss_mib']:.0f} MiB; XLA memory analysis "
-                f"{r['xla_peak_mib']:.0f} MiB (temp {r['xla_temp_mib']:.0f} MiB)" if "compile_s" in r
-                else f"first step {r['first_step_s']:.1f} s; peak RSS {r['peak_rss_mib']:.0f} MiB")
-      print(f"  {r['images_per_s']:.1f} images/s (median step {r['step_s']:.2f} s, best {r['best_step_s']:.2f} s); "
-            f"{detail}; convolutions at {conv_gflop / r['step_s']:.1f} GFLOP/s", flush=True)
+  names = [f"jax:{impl}" for impl in impls] + (["torch"] if has_torch and not args.no_torch else [])
+  label = lambda worker: f"ssl_jax, conv_impl={worker[4:]}" if worker.startswith("jax:") else "PyTorch"
+  workers = []
+  for name in names:  # built one after another, so that no compilation overlaps a timed step
+    print(f"{label(name)}: building and compiling", flush=True)
+    workers.append(StepWorker(argv, name))
+  per_round = []  # per round: {worker: {step_s, best_step_s, peak_rss_mib, and the worker's setup}}
+  try:
+    for round_index in range(args.rounds):
+      per_round.append({})
+      for w in workers:
+        print(f"{label(w.worker)}" + (f" (round {round_index + 1}/{args.rounds})" if args.rounds > 1 else "")
+              + ":", flush=True)
+        timed = w.run(args.warmup, args.steps)
+        if not timed:
+          continue
+        r = dict(w.setup, step_s=statistics.median(timed["times"]), best_step_s=min(timed["times"]),
+                 peak_rss_mib=timed["peak_rss_mib"])
+        r["images_per_s"] = args.batch_size / r["step_s"]
+        per_round[-1][w.worker] = r
+        detail = (f"compile {r['compile_s']:.1f} s; peak RSS {r['peak_rss_mib']:.0f} MiB; XLA memory analysis "
+                  f"{r['xla_peak_mib']:.0f} MiB (temp {r['xla_temp_mib']:.0f} MiB)" if "compile_s" in r
+                  else f"peak RSS {r['peak_rss_mib']:.0f} MiB")
+        print(f"  {r['images_per_s']:.1f} images/s (median step {r['step_s']:.2f} s, best {r['best_step_s']:.2f} s); "
+              f"{detail}; convolutions at {conv_gflop / r['step_s']:.1f} GFLOP/s", flush=True)
+  finally:
+    for w in workers:
+      w.close()
   # The table shows, per column, the round with the median step (the faster middle one for an even count).
   results = []
-  for worker in workers:
-    runs = sorted((rnd[worker] for rnd in per_round if worker in rnd), key=lambda r: r["step_s"])
+  for name in names:
+    runs = sorted((rnd[name] for rnd in per_round if name in rnd), key=lambda r: r["step_s"])
     if runs:
       results.append(runs[(len(runs) - 1) // 2])
-  if args.rounds > 1 and "torch" in workers:
-    for worker in workers[:-1]:
-      ratios = [rnd["torch"]["step_s"] / rnd[worker]["step_s"] for rnd in per_round
-                if worker in rnd and "torch" in rnd]
+  if args.rounds > 1 and "torch" in names:
+    for name in names[:-1]:
+      ratios = [rnd["torch"]["step_s"] / rnd[name]["step_s"] for rnd in per_round if name in rnd and "torch" in rnd]
       if ratios:
-        print(f"{worker[4:]} speed / PyTorch's, per round: " + ", ".join(f"{100 * q:.0f}%" for q in ratios)
+        print(f"{name[4:]} speed / PyTorch's, per round: " + ", ".join(f"{100 * q:.0f}%" for q in ratios)
               + f"; median {100 * statistics.median(ratios):.0f}%")
 
   print("input pipeline (pretrain_batches on CIFAR-10 alone):", flush=True)
