@@ -170,8 +170,9 @@ def apply_tiny(cfg) -> None:
     cfg.method.queue_size = 4096
 
 
-def validate(cfg, num_devices: int, num_processes: int = 1) -> None:
-  """Raises ConfigError (one line) for a config that cannot run; cheap, runs before anything compiles."""
+def validate(cfg, num_devices: int, num_processes: int = 1, platform: str = "") -> None:
+  """Raises ConfigError (one line) for a config that cannot run; cheap, runs before anything compiles.
+  platform: the devices' jax platform ("cpu", "tpu", ...), where known."""
   def fail(msg):
     raise ConfigError(msg)
 
@@ -208,6 +209,11 @@ def validate(cfg, num_devices: int, num_processes: int = 1) -> None:
       cfg.checkpoint_every_steps % cfg.steps_per_loop):
     fail(f"steps_per_loop={cfg.steps_per_loop} must be > 0 and divide log_every_steps={cfg.log_every_steps} "
          f"and checkpoint_every_steps={cfg.checkpoint_every_steps}")
+  if cfg.steps_per_loop > 1 and platform == "cpu" and cfg.model.conv_impl == "xla":
+    # XLA:CPU rewrites a kernel-gradient convolution into its library's layout only outside loops
+    # (models/conv.py, _xla_conv_input_grad): inside the scan a step measured 37x and 54x slower.
+    fail(f"steps_per_loop={cfg.steps_per_loop} with model.conv_impl=xla is ~40x slower on CPU; "
+         "use model.conv_impl=patches or winograd, or steps_per_loop=1")
   if cfg.model.dtype not in ("float32", "bfloat16"):
     fail(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
   if cfg.model.conv_impl not in CONV_IMPLS:

@@ -29,7 +29,7 @@ def main(argv):
   with distributed.user_errors_exit():
     distributed.initialize_from_flags()
     import jax
-    config_lib.validate(_CONFIG.value, jax.device_count(), jax.process_count())
+    config_lib.validate(_CONFIG.value, jax.device_count(), jax.process_count(), jax.default_backend())
     # TensorFlow and the input pipeline load only now: a bad config is rejected in a second or two.
     from ssl_jax import train
     train.train(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT.value)

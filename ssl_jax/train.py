@@ -127,7 +127,9 @@ def jit_train_loop(step_fn, mesh):
   checkpoint interval. On CPU it also saves system time: XLA:CPU allocates its temporary buffer (about 5 GB
   for the ResNet-18 step of benchmarks/simclr_step.py) at every call, and the kernel faults every page of
   it in afresh, 3-4 s of CPU time per step there; a loop of k steps does that once. Measured on that step
-  (five alternated rounds): k = 2 and 4 made a step 11% and 16% faster than k = 1."""
+  (five alternated rounds): k = 2 and 4 made a step 11% and 16% faster than k = 1. config.validate turns
+  down k > 1 with conv_impl=xla on CPU: XLA:CPU leaves the convolution gradients inside the loop on its
+  generic emitter (models/conv.py, _xla_conv_input_grad)."""
   return jax.jit(lambda state, batches: jax.lax.scan(step_fn, state, batches),
                  in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh, stacked=True)),
                  out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)), donate_argnums=0)
@@ -203,7 +205,7 @@ def train(config, workdir: str, stop_at_step: Optional[int] = None) -> Dict[str,
   stop_at_step: save and return at this step instead of total_steps (for runs in time-limited slots;
   the schedule still spans total_steps, and re-running continues)."""
   mesh = parallel.make_mesh()
-  config_lib.validate(config, mesh.size, jax.process_count())
+  config_lib.validate(config, mesh.size, jax.process_count(), mesh.devices.flat[0].platform)
   builder = pipeline.get_builder(config.dataset, config.data_dir)
   info = datasets.get(config.dataset)
   num_train = pipeline.num_examples(builder, info.pretrain_split)
