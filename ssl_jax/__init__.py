@@ -1,3 +1,11 @@
 """ssl_jax: self-supervised visual representation learning in JAX/Flax, TPU first."""
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# TensorFlow (the input pipeline) logs C++ warnings of no use to a user (e.g. a partly read cache at
+# exit) unless TF_CPP_MIN_LOG_LEVEL is 2 when it loads; jax's import sets it to 1 when it is unset, so it
+# is set here, before anything imports jax. A value the user set is kept.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+del _os

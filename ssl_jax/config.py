@@ -45,6 +45,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   cfg.cache_dataset = True        # keep the decoded split in memory (small datasets)
   cfg.normalize_inputs = True     # subtract the dataset mean, divide by its std (SimCLR's code does not)
   cfg.online_probe = True         # linear classifier on stop-gradient features, trained alongside
+  cfg.skip_nonfinite_steps = 0    # 0: stop at the first step with a NaN/Inf; N: skip such updates, stop after N in a row
 
   cfg.model = ml_collections.ConfigDict(dict(
       name="resnet", depth=50, width=64, width_multiplier=1, cifar_stem=False, dtype="float32",
@@ -203,6 +204,8 @@ def validate(cfg, num_devices: int, num_processes: int = 1, platform: str = "") 
     fail(f"method.queue_size={cfg.method.queue_size} must be a multiple of batch_size={cfg.batch_size}")
   if cfg.total_steps < 0 or (cfg.total_steps == 0 and cfg.num_epochs <= 0):
     fail("set total_steps > 0 or num_epochs > 0")
+  if cfg.skip_nonfinite_steps < 0:
+    fail(f"skip_nonfinite_steps must be >= 0 (0 stops at the first non-finite step), got {cfg.skip_nonfinite_steps}")
   if cfg.log_every_steps <= 0 or cfg.checkpoint_every_steps <= 0:
     fail("log_every_steps and checkpoint_every_steps must be > 0")
   if cfg.steps_per_loop <= 0 or cfg.log_every_steps % cfg.steps_per_loop or (

@@ -44,6 +44,15 @@ def _duration(seconds: float) -> str:
       f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _step_of(line: str) -> float:
+  """The step of a metrics.jsonl row; infinity for a blank or partial one (a process killed mid-write),
+  which is then dropped with the rows past the restored step."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return float("inf")
+
+
 class Writer:
   """Writes each logged step to TensorBoard (workdir), metrics.jsonl and a console progress line.
 
@@ -57,8 +66,7 @@ class Writer:
     self.path = epath.Path(workdir) / "metrics.jsonl"
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     if self.path.exists():
-      rows = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= resume_step]
+      rows = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
       tmp = self.path.parent / "metrics.jsonl.tmp"
       tmp.write_text("".join(r + "\n" for r in rows))
       tmp.replace(self.path)

@@ -6,6 +6,11 @@ sharded over the "data" axis:
   grads = grad(loss_fn)            # differentiating through shard_map: gathers transpose correctly
   params, opt_state = optimizer    # replicated math in the global view
   method_state = method.update_state(...)   # EMA targets, queues
+  flags = guard.finite_flags(...)           # loss, gradients and new state finite? (fetched with metrics)
+
+The trainer never saves a state whose flags are not all set (ssl_jax/guard.py); with
+config.skip_nonfinite_steps = N > 0 a step whose update is not finite keeps the previous state instead
+(the step still counts) and the run stops after N such steps in a row.
 """
 
 from __future__ import annotations
@@ -25,15 +30,15 @@ from jax.sharding import PartitionSpec as P
 
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config as config_lib
-from ssl_jax import losses, methods, optim, parallel
+from ssl_jax import distributed, guard, losses, methods, optim, parallel
+from ssl_jax import workdir as workdir_lib
 from ssl_jax import metrics as metrics_lib
 from ssl_jax.data import datasets, pipeline
-from ssl_jax.errors import UserError
 from ssl_jax.state import TrainState
 
 
-class NonFiniteLossError(UserError, RuntimeError):
-  pass
+NonFiniteError = guard.NonFiniteError
+NonFiniteLossError = NonFiniteError  # the name of earlier releases
 
 
 def probe_head(num_classes: int) -> nn.Module:
@@ -109,6 +114,16 @@ def make_train_step(config, method, tx, schedule: Callable, mesh, num_classes: i
                    grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               method_state=method_state, opt_state=opt_state)
+    finite = guard.finite_flags(loss, grads, new_state)
+    if config.skip_nonfinite_steps:
+      # Drop the whole update (parameters, optimizer moments, batch statistics, method state), as optax's
+      # apply_if_finite does; the step, the data position and the schedules (the optimizer's step count
+      # included) still advance.
+      ok = jnp.all(finite)
+      new_state = new_state.replace(
+          **{k: guard.keep_if(ok, getattr(new_state, k), getattr(state, k), advance_counters=k == "opt_state")
+             for k in ("params", "batch_stats", "method_state", "opt_state")})
+    metrics[FINITE] = finite
     return new_state, metrics
 
   return step_fn
@@ -151,14 +166,41 @@ def build(config, mesh, num_train_examples: int, num_classes: int):
   return config, method, state, jit_train_step(step, mesh), loop_fn, schedule
 
 
-def _check_finite(fetched, step: int, last_saved: int, workdir: str) -> None:
-  """Raises NonFiniteLossError naming the first step (of the `fetched` metrics, which end at `step`)
-  whose loss is NaN or infinite."""
-  first = step - len(fetched) + 1
-  for i, m in enumerate(fetched):
-    if not np.isfinite(m["total_loss"]):
-      raise NonFiniteLossError(f"loss became {m['total_loss']} at step {first + i}; the last good checkpoint "
-                               f"(step {last_saved}) is kept in {workdir}")
+FINITE = "finite"  # the metrics entry holding guard.finite_flags (not written as a metric)
+
+
+class _FiniteWatch:
+  """Reads each step's finite flags on the host, where the metrics are fetched (before any save)."""
+
+  def __init__(self, part_names, skip_limit: int, workdir: str):
+    self.part_names, self.skip_limit, self.workdir = part_names, skip_limit, workdir
+    self.consecutive = 0   # steps skipped in a row
+    self.first_of_run = None  # (step, description) of the first step of the current run of skips
+
+  def check(self, fetched, step: int, last_saved: int) -> int:
+    """Pops the flags from `fetched` (the metrics of the steps ending at `step`) and returns how many of
+    those steps were skipped; raises NonFiniteError when the run must stop."""
+    first = step - len(fetched) + 1
+    skipped = 0
+    for i, m in enumerate(fetched):
+      flags = m.pop(FINITE)
+      if np.all(flags):
+        self.consecutive, self.first_of_run = 0, None
+        continue
+      what = guard.describe(self.part_names, flags)
+      kept = f"the last good checkpoint (step {last_saved}) is kept in {self.workdir}"
+      if not self.skip_limit:
+        raise NonFiniteError(f"non-finite values at step {first + i} in {what}; nothing from that step on "
+                             f"was saved, {kept} (lower the learning rate, or set skip_nonfinite_steps=N "
+                             "to drop such updates)")
+      skipped += 1
+      self.consecutive += 1
+      self.first_of_run = self.first_of_run or (first + i, what)
+      if self.consecutive >= self.skip_limit:
+        raise NonFiniteError(f"{self.consecutive} steps in a row (steps {self.first_of_run[0]}-{first + i}) had "
+                             f"non-finite updates and were skipped (skip_nonfinite_steps="
+                             f"{self.skip_limit}), the first in {self.first_of_run[1]}; {kept}")
+    return skipped
 
 
 class _Preemption:
@@ -206,12 +248,15 @@ def train(config, workdir: str, stop_at_step: Optional[int] = None) -> Dict[str,
   the schedule still spans total_steps, and re-running continues)."""
   mesh = parallel.make_mesh()
   config_lib.validate(config, mesh.size, jax.process_count(), mesh.devices.flat[0].platform)
-  builder = pipeline.get_builder(config.dataset, config.data_dir)
+  workdir_lib.check_train_workdir(workdir, config)
   info = datasets.get(config.dataset)
+  # The split's record files against the dataset's metadata, before anything compiles (data/integrity.py).
+  builder = pipeline.get_builder(config.dataset, config.data_dir, splits=(info.pretrain_split,))
   num_train = pipeline.num_examples(builder, info.pretrain_split)
   if num_train // jax.process_count() < parallel.local_batch_size(config.batch_size):
     raise config_lib.ConfigError(
         f"batch_size={config.batch_size} exceeds the {num_train} examples of {config.dataset}")
+  distributed.release_library_logs()  # the input is checked: the libraries may log again
   config, method, state, step_fn, loop_fn, schedule = build(config, mesh, num_train, info.num_classes)
 
   is_main = jax.process_index() == 0
@@ -228,6 +273,8 @@ def train(config, workdir: str, stop_at_step: Optional[int] = None) -> Dict[str,
                                       jax.process_index(), jax.process_count())
   progress = metrics_lib.Progress(config.total_steps, start_step, config.batch_size)
   pending = []  # device metrics since the last log: fetched together, so steps are not serialized
+  watch = _FiniteWatch(guard.names(None, state.params, state), config.skip_nonfinite_steps, workdir)
+  skipped = 0  # steps skipped since the last logged row (skip_nonfinite_steps)
   last_saved = start_step
   step = start_step
   end = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
@@ -247,6 +294,7 @@ def train(config, workdir: str, stop_at_step: Optional[int] = None) -> Dict[str,
           state, metrics = step_fn(state, parallel.to_global(mesh, next(batches)))
           steps_run = 1
         step += steps_run
+        distributed.note_step(step)  # for the line naming a vanished process (ssl_jax/peers.py)
         pending.append((steps_run, metrics))
         # One reading of the flag per call: a signal landing later in this iteration is handled at the
         # next one, never between the save decision and the break.
@@ -256,9 +304,11 @@ def train(config, workdir: str, stop_at_step: Optional[int] = None) -> Dict[str,
           fetched = [metrics if n == 1 else jax.tree.map(lambda m: m[i], metrics)
                      for n, metrics in jax.device_get(pending) for i in range(n)]
           pending = []
-          _check_finite(fetched, step, last_saved, workdir)
+          skipped += watch.check(fetched, step, last_saved)
           if step % config.log_every_steps == 0 or stop:
-            writer.write(step, fetched[-1], progress.update(step), config.total_steps)
+            row = dict(fetched[-1], skipped_steps=skipped) if config.skip_nonfinite_steps else fetched[-1]
+            writer.write(step, row, progress.update(step), config.total_steps)
+            skipped = 0
           if step % config.checkpoint_every_steps == 0 or stop:
             manager.save(step, state)
             last_saved = step

@@ -56,11 +56,24 @@ def data_dir():
   return str(SHARED_TFDS) if (SHARED_TFDS / "cifar10").exists() else EMBEDDED_DATA_DIR
 
 
+def flip_bytes(checkpoint: pathlib.Path, count: int = 4096) -> pathlib.Path:
+  """XORs `count` bytes in the middle of the largest data file of an orbax checkpoint (size unchanged), as
+  a damaged disk or a bad copy would; returns the file."""
+  files = [p for p in (checkpoint / "state").rglob("*") if p.is_file() and "ocdbt.process" in str(p)]
+  target = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(target.read_bytes())
+  start = max(0, len(data) // 2 - count // 2)
+  for i in range(start, min(len(data), start + count)):
+    data[i] ^= 0xFF
+  target.write_bytes(bytes(data))
+  return target
+
+
 # The longest files first. Under `pytest -n 2 --dist loadfile` each file runs on one worker and files are
 # handed out in collection order, two at a time: starting the long ones first keeps both workers busy to
 # the end instead of leaving one file running alone. Order within a file is unchanged.
-LONGEST_FIRST = ("test_multihost.py", "test_train.py", "test_evaluate.py", "test_notebook.py",
-                 "test_supervised.py", "test_sharding.py")
+LONGEST_FIRST = ("test_multihost.py", "test_train.py", "test_reliability.py", "test_evaluate.py",
+                 "test_dead_peer.py", "test_notebook.py", "test_supervised.py", "test_sharding.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,15 +20,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from ssl_jax.data import augment, datasets
-from ssl_jax.errors import UserError
+from ssl_jax.data import augment, datasets, integrity
+# Defined beside the file checks (which raise it without importing TF); pipeline.DataError is the name
+# callers use.
+from ssl_jax.data.integrity import DataError
 
 # The input pipeline runs on the host CPU; TF must not claim accelerators that JAX uses.
 tf.config.set_visible_devices([], "GPU")
-
-
-class DataError(UserError, ValueError):
-  """Missing or unreadable data; the message names the path and how to prepare it."""
 
 
 def _prepare_command(name: str, data_dir: str) -> str:
@@ -37,8 +35,12 @@ def _prepare_command(name: str, data_dir: str) -> str:
                   f"tfds.builder('{name}', data_dir='{data_dir}').download_and_prepare()\"")
 
 
-def get_builder(dataset: str, data_dir: str) -> tfds.core.DatasetBuilder:
-  """The prepared TFDS builder of `dataset` under `data_dir`; never downloads. Raises DataError."""
+def get_builder(dataset: str, data_dir: str, splits: Sequence[str] = ()) -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder of `dataset` under `data_dir`; never downloads. Raises DataError.
+
+  splits: split names ("train", "train+unlabelled") whose record files are checked against the dataset's
+  metadata first (integrity.check_split_files: a stat per file, once per process), so that a missing or
+  damaged file is named in one line before anything compiles instead of failing a minute in."""
   info = datasets.get(dataset)
   if not data_dir:
     raise DataError("data_dir is not set: pass --config.data_dir=DIR (a prepared TFDS directory)")
@@ -53,10 +55,35 @@ def get_builder(dataset: str, data_dir: str) -> tfds.core.DatasetBuilder:
   if not versions:
     raise DataError(f"no prepared {info.tfds_name} in {data_dir}; {_prepare_command(dataset, data_dir)}")
   try:
-    return tfds.builder_from_directory(str(versions[-1]))
+    builder = tfds.builder_from_directory(str(versions[-1]))
   except Exception as e:  # tfds raises many types for unreadable metadata
     raise DataError(f"cannot read dataset {dataset} in {versions[-1]}: {type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}")
+  for split in splits:
+    integrity.check_split_files(builder, split)
+  return builder
+
+
+class _NamedReadErrors:
+  """Wraps a numpy batch iterator of `split`: a TF op error raised by next() (a record that fails its
+  checksum, a file truncated or removed after the up-front check) becomes a one-line DataError naming the
+  damaged file, where TF's own message names none. Errors that are not about the data keep their
+  traceback."""
+
+  def __init__(self, batches: Iterator, builder, split: str):
+    self._batches, self._builder, self._split = batches, builder, split
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    try:
+      return next(self._batches)
+    except tf.errors.OpError as e:
+      error = integrity.read_error(self._builder, self._split, e)
+      if error is None:
+        raise
+      raise error from e
 
 
 def num_examples(builder, split: str) -> int:
@@ -121,14 +148,14 @@ def pretrain_batches(
   shards = num_data_shards(cfg, process_count)
   per_process = shards // process_count
   per_shard = local_batch // per_process
-  builder = get_builder(cfg.dataset, cfg.data_dir)
   info = datasets.get(cfg.dataset)
-  streams = [_shard_stream(cfg, builder, split or info.pretrain_split, views, shard, shards, per_shard,
-                           start_step, keep)
+  split = split or info.pretrain_split
+  builder = get_builder(cfg.dataset, cfg.data_dir, splits=(split,))
+  streams = [_shard_stream(cfg, builder, split, views, shard, shards, per_shard, start_step, keep)
              for shard in range(process_index * per_process, (process_index + 1) * per_process)]
   ds = streams[0] if len(streams) == 1 else tf.data.Dataset.zip(tuple(streams)).map(
       lambda *parts: tf.nest.map_structure(lambda *x: tf.concat(x, axis=0), *parts))
-  return iter(tfds.as_numpy(ds.prefetch(2).with_options(_options())))
+  return _NamedReadErrors(iter(tfds.as_numpy(ds.prefetch(2).with_options(_options()))), builder, split)
 
 
 def _shard_stream(cfg, builder, split: str, views, shard: int, num_shards: int, batch: int, start_step: int,
@@ -168,7 +195,7 @@ def eval_batches(cfg, split: str, local_batch: int, crop_size: int, crop_proport
   Each process reads a contiguous share (sizes differ by at most one example); the last batch of each
   process, and any batch a process needs to match the batch count of the others, is padded, and
   `mask` marks the real examples. Yields {"image": float32 [b, s, s, 3], "label", "index", "mask" bool}."""
-  builder = get_builder(cfg.dataset, cfg.data_dir)
+  builder = get_builder(cfg.dataset, cfg.data_dir, splits=(split,))
   info = datasets.get(cfg.dataset)
   n = num_examples(builder, split)
   bounds = [n * p // process_count for p in range(process_count + 1)]
@@ -193,4 +220,4 @@ def eval_batches(cfg, split: str, local_batch: int, crop_size: int, crop_proport
              "index": tf.constant(-1, tf.int64), "mask": tf.constant(False)}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(element).repeat(pad))
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(2).with_options(_options())
-  return iter(tfds.as_numpy(ds))
+  return _NamedReadErrors(iter(tfds.as_numpy(ds)), builder, split)

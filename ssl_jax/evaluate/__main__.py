@@ -31,8 +31,10 @@ def _workdir_from_argv(argv):
 
 
 def main(argv):
-  del argv
-  with distributed.user_errors_exit():
+  if len(argv) > 1:
+    distributed.exit_with_error(f"unexpected arguments: {' '.join(argv[1:])}")
+  distributed.hold_library_logs()
+  with distributed.user_errors_exit(workdir=_WORKDIR.value):
     workdir_lib.check_protocol(_PROTOCOL.value)
     distributed.initialize_from_flags()
     from ssl_jax.evaluate import run  # TensorFlow, orbax: after the cheap checks
@@ -45,7 +47,9 @@ def main(argv):
 if __name__ == "__main__":
   workdir = _workdir_from_argv(sys.argv)
   if not workdir:
-    sys.exit("error: --workdir is required")
+    print("error: --workdir is required: a training workdir (holding config.json and checkpoints/)",
+          file=sys.stderr)
+    sys.exit(2)
   # The config comes from the workdir, so it must be read before flags are parsed to allow overrides.
   with distributed.user_errors_exit():
     config_flags.DEFINE_config_dict("config", workdir_lib.load_config(workdir))

@@ -17,7 +17,7 @@ from etils import epath
 
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config as config_lib
-from ssl_jax import parallel, train
+from ssl_jax import distributed, parallel, train
 from ssl_jax.data import datasets, pipeline
 from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate import knn as knn_lib
@@ -50,11 +50,22 @@ class Encoder:
     self.global_encoder = methods_base.build_encoder(cfg, bn_axis_name=None)
 
   def restore(self, workdir: str, step: int):
-    """The state saved at `step` (see find_checkpoint); raises EvalError if it cannot be read."""
+    """The state saved at `step` (see find_checkpoint), verified against its digest; raises EvalError if it
+    cannot be read or is damaged."""
     try:
       return ckpt_lib.Manager(workdir, self.cfg, create=False).restore(step, self.initial_state)
     except ckpt_lib.CheckpointError as e:
       raise EvalError(str(e))
+
+  def restore_latest(self, workdir: str):
+    """(state, step) of the newest intact checkpoint: a damaged newer one is named in a warning and left
+    where it is (evaluation never moves a training run's files)."""
+    try:
+      state, step = ckpt_lib.Manager(workdir, self.cfg, create=False).restore_latest(
+          self.initial_state, move_damaged=False)
+    except ckpt_lib.CheckpointError as e:
+      raise EvalError(str(e))
+    return state, step
 
   def features(self, state, split: str, key=None):
     """(features, labels) of `split`; `key` names the encoder (e.g. ("step", 375), ("random",)) for the
@@ -136,7 +147,8 @@ def headline(protocol: str, metrics: Dict[str, Any]) -> float:
 def check_inputs(workdir: str, protocol: str, cfg) -> None:
   check_protocol(protocol)
   try:
-    builder = pipeline.get_builder(cfg.dataset, cfg.data_dir)
+    info = datasets.get(cfg.dataset)
+    builder = pipeline.get_builder(cfg.dataset, cfg.data_dir, splits=(info.train_split, info.test_split))
   except pipeline.DataError as e:
     raise EvalError(str(e))
   if "label" not in builder.info.features:
@@ -160,8 +172,12 @@ def evaluate(workdir: str, protocol: str, checkpoint: str = "latest", cfg=None, 
   cfg = load_config(workdir) if cfg is None else cfg
   check_inputs(workdir, protocol, cfg)
   step = find_checkpoint(workdir, cfg, checkpoint)
+  distributed.release_library_logs()  # the input is checked: the libraries may log again
   encoder = encoder or Encoder(cfg, parallel.make_mesh())
-  state = encoder.restore(workdir, step)
+  if checkpoint == "latest":
+    state, step = encoder.restore_latest(workdir)
+  else:
+    state = encoder.restore(workdir, step)
   info = encoder.info
   start = time.time()
   results = {}

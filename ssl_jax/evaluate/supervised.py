@@ -31,7 +31,7 @@ import optax
 from absl import logging
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import losses, optim, parallel
+from ssl_jax import guard, losses, optim, parallel
 from ssl_jax.data import augment, datasets, pipeline
 from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate import subsets
@@ -191,13 +191,16 @@ def train_and_score(cfg, protocol: str, encoder: nn.Module, variables: Optional[
       m = jax.device_get(metrics)
       last_loss = float(m["loss"])
       if not np.isfinite(last_loss):
-        raise FloatingPointError(f"{protocol} ({label}): loss became {last_loss} at step {step}")
+        raise guard.NonFiniteError(f"{protocol} ({label}): loss became {last_loss} at step {step}")
       now = time.time()
       eta = (total_steps - step) * (now - start) / (step - start_step)
       if jax.process_index() == 0:
         logging.info("%s %s: step %d/%d loss %.4f train acc %.3f lr %.4g ETA %ds", protocol, label, step,
                      total_steps, last_loss, float(m["accuracy"]), float(m["learning_rate"]), eta)
     if manager is not None and (step % p.checkpoint_every_steps == 0 or step == total_steps):
+      if not guard.all_finite(state):  # never save a non-finite state
+        raise guard.NonFiniteError(f"{protocol} ({label}): the state became non-finite by step {step}; "
+                                   f"the last good checkpoint is kept in {checkpoint_dir}")
       manager.save(step, state)
   train_seconds = time.time() - start
 
