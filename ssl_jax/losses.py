@@ -86,3 +86,201 @@ def softmax_cross_entropy(logits, labels):
   """Mean cross-entropy of integer labels; logits [n, c] float32, labels [n] int."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=1))
+
+
+def _local_sum(x):
+  """The cross-device sum on a single device: the identity. Losses that need global sums take a
+  `global_sum` argument defaulting to this; under shard_map the caller passes `parallel.sum`."""
+  return x
+
+
+def simsiam_loss(p1, p2, z1, z2):
+  """SimSiam's symmetrized negative cosine (Chen & He 2021, eq. 1-2 and Algorithm 1):
+      L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2,   D(p, z) = -cos(p, z),
+  each D averaged over examples (official main_simsiam.py l.191, l.295; the encoder returns z.detach(),
+  simsiam/builder.py l.61).
+
+  Args:
+    p1, p2: [n, d] predictor outputs of views 1 and 2 (gradient flows).
+    z1, z2: [n, d] projector outputs of views 1 and 2 (treated as constant here).
+  Returns: the scalar loss over this device's examples, in [-1, 1]; the trainer's mean over devices makes
+  it the global mean, so no collective is needed.
+  """
+  def negative_cosine(p, z):
+    return -jnp.mean(jnp.sum(l2_normalize(p) * jax.lax.stop_gradient(l2_normalize(z)), axis=-1))
+
+  return 0.5 * negative_cosine(p1, z2) + 0.5 * negative_cosine(p2, z1)
+
+
+def barlow_twins_loss(z1, z2, lambd=0.0051, global_sum=_local_sum, eps=1e-5):
+  """Barlow Twins' redundancy-reduction loss (Zbontar et al. 2021, eq. 1-2) on the global batch:
+
+      bn(z) = (z - mean) / sqrt(var + eps)        mean, biased var over the N examples of the global batch
+      c_ij  = sum_b bn(z1)_bi bn(z2)_bj / N       cross-correlation, [d, d]
+      L     = sum_i (1 - c_ii)^2 + lambd * sum_{i != j} c_ij^2
+
+  The official code (facebookresearch/barlowtwins main.py l.205, 212-220) normalizes with
+  `BatchNorm1d(affine=False)` converted to SyncBatchNorm (l.89): global training statistics, biased
+  variance, BatchNorm1d's default eps 1e-5; it divides each GPU's partial product by the global batch
+  size and all-reduces c. Here every global quantity is `global_sum` of per-device partial sums (the
+  batch count, the per-dimension sums for the mean and the squared deviations, and bn(z1).T @ bn(z2)), so
+  under shard_map with `global_sum=parallel.sum` each device returns exactly the single-device loss of
+  the global batch, and the trainer's mean over devices leaves it unchanged. Communication is one psum of
+  the [d, d] matrix, as in the official code, plus four of [d] vectors for the statistics.
+
+  Gradient scale (RECIPES.md section 7, barlowtwins#8): torch.distributed.all_reduce is invisible to
+  autograd, so each GPU backpropagates only its own partial c through dL/dc (SyncBatchNorm's backward is
+  exact), and DDP then averages over the G GPUs: the official parameter gradient is the true gradient of
+  this loss divided by G. psum is differentiable in JAX, so the gradient of this function is the true
+  gradient. To reproduce the official effective gradient at G GPUs, multiply the loss by 1 / G (G = 16
+  for the published ImageNet run: "approximately 7 days on 16 v100 GPUs", README l.60). The factor is
+  not a no-op under the official LARS: it changes the balance of gradient and weight decay inside the
+  trust ratio, and the 1-D parameters (biases, BN), excluded from adaptation, see it in full.
+
+  Args:
+    z1, z2: [n, d] this device's projector outputs of views 1 and 2 (any float dtype; computed in f32).
+    lambd: weight of the off-diagonal (redundancy) term; 0.0051 is the official default (main.py l.39).
+    global_sum: sums a pytree over all devices; the identity (default) on one device, `parallel.sum`
+      under shard_map.
+    eps: the batch norm's epsilon.
+  Returns: the scalar loss of the global batch (identical on every device).
+  """
+  z1, z2 = z1.astype(jnp.float32), z2.astype(jnp.float32)
+  num_global = global_sum(jnp.asarray(z1.shape[0], jnp.float32))
+
+  def standardize(z):
+    mean = global_sum(jnp.sum(z, axis=0)) / num_global
+    centred = z - mean
+    # Two passes (mean, then squared deviations) rather than E[z^2] - mean^2, which cancels badly in f32.
+    var = global_sum(jnp.sum(centred * centred, axis=0)) / num_global
+    return centred * jax.lax.rsqrt(var + eps)
+
+  c = global_sum(standardize(z1).T @ standardize(z2)) / num_global
+  diagonal = jnp.diagonal(c)
+  # Masking, not sum(c^2) - sum(diag^2): the diagonal is ~1 per dimension at convergence and would swamp the
+  # small off-diagonal total in f32.
+  off_diagonal = jnp.where(jnp.eye(c.shape[0], dtype=bool), 0.0, c)
+  return jnp.sum((1.0 - diagonal) ** 2) + lambd * jnp.sum(off_diagonal ** 2)
+
+
+def vicreg_loss(x, y, x_all, y_all, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
+  """VICReg (Bardes et al. 2022, eq. 1-6), as the official code computes it (facebookresearch/vicreg
+  main_vicreg.py l.194-220):
+
+      invariance  s = mean_{b,k} (x_bk - y_bk)^2                         on this device's batch (F.mse_loss)
+      variance    v = mean_k relu(1 - sqrt(Var_b[x_all]_k + 1e-4)) / 2 + (same for y_all) / 2
+      covariance  C(x) = (x_all - mean)^T (x_all - mean) / (N - 1),
+                  c = sum_{i != j} C(x)_ij^2 / d + sum_{i != j} C(y)_ij^2 / d
+      L = sim_coeff * s + std_coeff * v + cov_coeff * c          (25 / 25 / 1, main_vicreg.py l.58-63)
+
+  Var is the unbiased variance (torch's x.var(dim=0)) and N the global batch, both over the gathered
+  arrays. The official FullGatherLayer (l.307-323) gathers with gradient; passing `parallel.all_gather`
+  outputs does the same here. Each device returns its local invariance plus the global variance and
+  covariance terms; the trainer's mean over devices turns the first into the global MSE (equal local
+  batches) and leaves the others, and the gradient through the gathered copies is then the true gradient,
+  as with DDP's average of the official per-rank gradients.
+
+  Args:
+    x, y: [n, d] this device's expander outputs of views 1 and 2.
+    x_all, y_all: [N, d] the same for the global batch (all_gather of x, y; keep the gradient). On one
+      device pass x, y again.
+    sim_coeff, std_coeff, cov_coeff: the weights of the three terms.
+  Returns: (loss, {"invariance": s, "variance": v, "covariance": c}), the terms unweighted.
+  """
+  x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+  invariance = jnp.mean((x - y) ** 2)
+  num_global, dim = x_all.shape
+
+  def variance_and_covariance(z):
+    z = z.astype(jnp.float32)
+    z = z - jnp.mean(z, axis=0)
+    std = jnp.sqrt(jnp.sum(z * z, axis=0) / (num_global - 1) + 1e-4)
+    cov = z.T @ z / (num_global - 1)
+    off_diagonal = jnp.where(jnp.eye(dim, dtype=bool), 0.0, cov)
+    return jnp.mean(jax.nn.relu(1.0 - std)) / 2, jnp.sum(off_diagonal ** 2) / dim
+
+  var_x, cov_x = variance_and_covariance(x_all)
+  var_y, cov_y = variance_and_covariance(y_all)
+  variance, covariance = var_x + var_y, cov_x + cov_y
+  loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+  return loss, {"invariance": invariance, "variance": variance, "covariance": covariance}
+
+
+def sinkhorn(scores, epsilon=0.05, iterations=3, global_sum=_local_sum):
+  """SwAV's codes: Sinkhorn-Knopp equipartition over the global batch (Caron et al. 2020, section 3.1,
+  eq. 3 and the Q* below it), as the official distributed_sinkhorn (facebookresearch/swav main_swav.py
+  l.353-376). In the paper's K x B layout:
+
+      Q = exp(scores / epsilon)^T;  Q /= sum(Q)                               (sum over all devices)
+      repeat `iterations` times:
+        Q /= row sums of Q, summed over all devices;  Q /= K                (each prototype gets 1/K)
+        Q /= column sums of Q (each example's own);   Q /= B                (each example gets 1/B)
+      codes = B * Q^T                                                         (each example's row sums to 1)
+
+  with K prototypes and B the number of columns over all devices (the global batch, plus any queue rows
+  the caller prepended). This function keeps the [n, K] layout, so the paper's row sums are sums over
+  axis 0 (global) and its column sums over axis 1 (local).
+
+  No max is subtracted before exp, as in the official code: the caller passes cosine scores in [-1, 1], so
+  exp(1 / epsilon) = e^20 at epsilon 0.05 and the global total stay far inside float32 (whose exp
+  overflows past e^88, i.e. epsilon < 0.0114). The whole computation runs in float32 whatever the input
+  dtype (RECIPES.md section 6): float16's exp overflows past e^11, and bfloat16's 8-bit mantissa is too
+  coarse for the repeated normalizations.
+
+  Args:
+    scores: [n, K] this device's scores (dot products of L2-normalized embeddings and prototypes).
+    epsilon: entropy regularization (0.05, main_swav.py l.61); iterations: 3 (l.63).
+    global_sum: the identity on one device, `parallel.sum` under shard_map.
+  Returns: [n, K] float32 codes for this device's rows, each row summing to 1; no gradient.
+  """
+  q = jnp.exp(jax.lax.stop_gradient(scores).astype(jnp.float32) / epsilon)
+  num_prototypes = q.shape[1]
+  num_columns = global_sum(jnp.asarray(q.shape[0], jnp.float32))
+  q = q / global_sum(jnp.sum(q))
+  for _ in range(iterations):
+    q = q / global_sum(jnp.sum(q, axis=0, keepdims=True)) / num_prototypes
+    q = q / jnp.sum(q, axis=1, keepdims=True) / num_columns
+  return q * num_columns
+
+
+def swav_loss(crop_scores, queue_scores=None, crops_for_assign=(0, 1), temperature=0.1, epsilon=0.05,
+              sinkhorn_iterations=3, global_sum=_local_sum):
+  """SwAV's swapped prediction over multi-crop views (Caron et al. 2020, eq. 1-2), averaged as the
+  official code (facebookresearch/swav main_swav.py l.289-315):
+
+      for each assignment crop a (crops 0 and 1, the two global crops, by default):
+        q_a = sinkhorn([queue_a; scores_a])[rows of this batch]                       (no gradient)
+        l_a = 1 / (V - 1) * sum_{v != a} mean_b [ -sum_k q_a[b, k] log softmax(scores_v[b] / t)_k ]
+      L = mean_a l_a
+
+  with V crops and t = 0.1 (l.59). `scores_v` keep their gradient, which reaches the embeddings and the
+  prototypes through the caller's dot products.
+
+  Queue (l.294-307): the official code prepends the scores of this rank's queue of past embeddings
+  (re-scored against the current prototypes) to the assignment crop's scores before Sinkhorn, so they
+  count in the equipartition and in B, and keeps only the batch's rows afterwards. It does so only once
+  the queue is full; that decision, and filling the queue, belong to the caller.
+
+  Args:
+    crop_scores: sequence of V arrays [n, K], one per crop, global crops first: the dot products of this
+      device's L2-normalized embeddings with the L2-normalized prototypes.
+    queue_scores: None, or a sequence aligned with `crops_for_assign` of [m, K] arrays: this device's
+      queue embeddings for that assignment crop times the current prototypes.
+    crops_for_assign: indices into crop_scores of the crops whose codes are predicted.
+    temperature, epsilon, sinkhorn_iterations: SwAV's fixed values by default.
+    global_sum: the identity on one device, `parallel.sum` under shard_map (Sinkhorn's global sums only;
+      the loss itself is the mean over this device's examples, made global by the trainer's mean).
+  Returns: the scalar loss over this device's examples.
+  """
+  num_crops = len(crop_scores)
+  n = crop_scores[0].shape[0]
+  log_probs = [jax.nn.log_softmax(s.astype(jnp.float32) / temperature, axis=-1) for s in crop_scores]
+  loss = 0.0
+  for i, a in enumerate(crops_for_assign):
+    scores = crop_scores[a]
+    if queue_scores is not None:
+      scores = jnp.concatenate([queue_scores[i].astype(scores.dtype), scores])
+    codes = sinkhorn(scores, epsilon, sinkhorn_iterations, global_sum)[-n:]
+    cross_entropies = [-jnp.mean(jnp.sum(codes * log_probs[v], axis=-1)) for v in range(num_crops) if v != a]
+    loss = loss + sum(cross_entropies) / (num_crops - 1)
+  return loss / len(crops_for_assign)

@@ -8,6 +8,9 @@ they all live here:
   loss over gathered negatives sends gradient back to the device that produced them (SimCLR's
   `tpu_cross_replica_concat` does the same with a one-hot psum).
 * `mean`: cross-device mean of metrics and of per-device batch-norm running statistics.
+* `sum`: cross-device sum (psum), for losses built on global sums: Barlow Twins' batch statistics and
+  cross-correlation, SwAV's Sinkhorn marginals. Unlike torch.distributed.all_reduce it is
+  differentiable, so such a loss gets its true gradient.
 * Batch norm itself: layers built with `bn_axis_name=DATA` reduce their moments over this axis, which
   makes the statistics global over all devices and processes; layers built with None keep per-device
   statistics (MoCo's shuffle BN).
@@ -44,17 +47,6 @@ def batch_sharded(mesh: Mesh, stacked: bool = False) -> NamedSharding:
   return NamedSharding(mesh, P(None, DATA) if stacked else P(DATA))
 
 
-def check_batch_split(global_batch: int, mesh: Mesh | None = None) -> None:
-  """Raises ValueError unless the global batch splits evenly over processes and devices."""
-  num_devices = jax.device_count() if mesh is None else mesh.size
-  if global_batch % num_devices:
-    raise ValueError(
-        f"batch_size={global_batch} is not divisible by the {num_devices} devices; "
-        f"use a multiple of {num_devices}")
-  if global_batch % jax.process_count():
-    raise ValueError(f"batch_size={global_batch} is not divisible by the {jax.process_count()} processes")
-
-
 def local_batch_size(global_batch: int) -> int:
   """The part of the global batch this process reads."""
   return global_batch // jax.process_count()
@@ -84,12 +76,15 @@ def mean(tree: Any) -> Any:
   return jax.lax.pmean(tree, DATA)
 
 
+def sum(tree: Any) -> Any:
+  """Cross-device sum over the data axis. Differentiable: the gradient of a loss built on global sums is
+  the gradient of that loss on the global batch. Losses take it as their `global_sum` argument.
+  (The name shadows the builtin inside this module, which does not use it, to read as `parallel.mean`.)"""
+  return jax.lax.psum(tree, DATA)
+
+
 def device_index() -> jax.Array:
   return jax.lax.axis_index(DATA)
-
-
-def num_devices() -> int:
-  return jax.lax.axis_size(DATA)
 
 
 def global_std_of_normalized(z: jax.Array) -> jax.Array:
