@@ -23,7 +23,7 @@ from ssl_jax import config as config_lib
 
 def get_config(arg=None):
   variants = config_lib.parse_variants(arg, known={"imagenet", "cifar10", "tiny"}, default="cifar10")
-  cfg = config_lib.base_config("moco_v2")
+  cfg = config_lib.base_config("moco")
   # MoCo v2 "aug+": torchvision ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale 0.2, blur p=0.5.
   aug = dict(crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
              color_jitter_prob=0.8, grayscale_prob=0.2)
@@ -36,7 +36,8 @@ def get_config(arg=None):
     cfg.num_epochs = 200.0
     cfg.cache_dataset = False
     cfg.model.update(depth=50, cifar_stem=False)
-    cfg.optimizer.update(base_learning_rate=0.03, weight_decay=1e-4)
+    # --cos: the official adjust_learning_rate sets the cosine rate once per epoch (main_moco.py).
+    cfg.optimizer.update(base_learning_rate=0.03, weight_decay=1e-4, schedule="cosine_per_epoch")
     cfg.method.update(temperature=0.2, momentum=0.999, queue_size=65536, proj_hidden_dim=2048, proj_dim=128)
     config_lib.add_view(cfg, "view", num=2, crop_size=224, blur_prob=0.5, **aug)
     # MoCo's linear classification (main_lincls.py): SGD momentum 0.9 (not Nesterov), batch 256, lr 30,

@@ -171,8 +171,8 @@ class Manager:
       only_wanted = sorted(set(wanted) - set(saved))[:2]
       raise MismatchedCheckpointError(
           f"checkpoint step {step} in {self.directory} holds a state of another config ({len(saved)} arrays, "
-          f"e.g. {only_saved}; this config builds {len(wanted)}, e.g. {only_wanted}): pass another --workdir, "
-          "or the config that wrote it")
+          f"e.g. {only_saved}; this config builds {len(wanted)}, e.g. {only_wanted}), or was written by an "
+          "earlier ssl_jax: pass another --workdir, or the config and version that wrote it")
 
   def restore(self, step: int, target: Any) -> Any:
     """The state saved at `step`, with the structure, dtypes and shardings of `target`, verified against

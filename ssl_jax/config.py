@@ -10,25 +10,21 @@ from __future__ import annotations
 import importlib.util
 import math
 import pathlib
-from typing import Iterable, Set
+import re
+from typing import Any, Dict, Iterable, List, Set, Tuple
 
 import ml_collections
 
-from ssl_jax import methods
+from ssl_jax import methods, models
 from ssl_jax.data import datasets, views
-from ssl_jax.errors import UserError
+from ssl_jax.errors import ConfigError
+
+SCHEDULES = ("cosine", "cosine_per_epoch", "steps")
 
 
-class ConfigError(UserError, ValueError):
-  """A config that cannot run; the message is one actionable line."""
-
-
-# models/conv.py's CONV_IMPLS, named here so that validation needs no flax import (tests keep them equal).
-CONV_IMPLS = ("xla", "patches", "winograd")
-
-
-def base_config(method: str) -> ml_collections.ConfigDict:
-  """Every key any config may set. Values here are CIFAR-10-sized placeholders that files override."""
+def base_config(method: str, model: str = "resnet") -> ml_collections.ConfigDict:
+  """Every key any config may set. Values here are CIFAR-10-sized placeholders that files override. The
+  `method.*` keys are the method's (ssl_jax/methods), the `model.*` keys the model's (ssl_jax/models)."""
   cfg = ml_collections.ConfigDict()
   cfg.dataset = "cifar10"
   cfg.data_dir = ""               # a prepared TFDS directory (required; never downloaded implicitly)
@@ -47,15 +43,16 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   cfg.online_probe = True         # linear classifier on stop-gradient features, trained alongside
   cfg.skip_nonfinite_steps = 0    # 0: stop at the first step with a NaN/Inf; N: skip such updates, stop after N in a row
 
-  cfg.model = ml_collections.ConfigDict(dict(
-      name="resnet", depth=50, width=64, width_multiplier=1, cifar_stem=False, dtype="float32",
-      bn_momentum=0.9,
-      conv_impl="xla"))  # CPU only: "patches" (kernel-gradient rewrite), "winograd" (faster still; benchmarks/)
+  cfg.model = models.default_config(model)
 
+  # The pre-training optimizer: optim.build reads the optimizer_settings keys (see there), train.py the
+  # learning-rate schedule's: base_learning_rate and end_learning_rate (both scaled by lr_scaling with the
+  # batch), linear warm-up over warmup_epochs, then `schedule`: "cosine" (per step), "cosine_per_epoch"
+  # (the rate of each epoch's start, SimSiam's), or "steps" (x0.1 at each of lr_drop_epochs, MoCo v1's).
   cfg.optimizer = ml_collections.ConfigDict(dict(
-      name="lars", base_learning_rate=0.3, lr_scaling="linear", weight_decay=1e-6, momentum=0.9,
-      trust_coefficient=1e-3, nesterov=False, b1=0.9, b2=0.999, warmup_epochs=10.0, end_learning_rate=0.0,
-      exclude_bias_and_norm=True, no_decay_names=()))
+      name="lars", base_learning_rate=0.3, lr_scaling="linear", warmup_epochs=10.0, end_learning_rate=0.0,
+      schedule="cosine", lr_drop_epochs=(),
+      **optimizer_settings(weight_decay=1e-6, momentum=0.9, nesterov=False)))
 
   # Evaluation protocols (ssl_jax.evaluate); kNN as in InstDisc / DINO. `linear_mode`: "fast" fits the
   # linear probe on cached features (a vmapped lr x wd sweep, linear_steps full-batch steps, chosen on a
@@ -84,12 +81,132 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   return cfg
 
 
+OPTIMIZERS = ("lars", "sgd", "adamw")
+
+# The settings one parameter group may set (optimizer.groups; optim.build applies them).
+GROUP_SETTINGS = ("lr_mult", "fixed_lr", "wd_mult", "frozen", "frozen_until_step", "required")
+
+# A group's frozen=True, as frozen_until_step: a step the int32 step counter never reaches.
+FROZEN_FOREVER = 2**31 - 1
+
+
+def optimizer_settings(**settings) -> Dict[str, Any]:
+  """The optimizer keys optim.build reads, shared by pre-training (cfg.optimizer) and the image-level
+  evaluation protocols (cfg.eval.<protocol>), with their defaults; `settings` override them.
+
+  weight_decay: coupled (added to the gradient) for sgd and lars, decoupled for adamw (AdamW, Loshchilov &
+    Hutter 2019); weight_decay_schedule "constant", or "cosine" from weight_decay at step 0 to
+    weight_decay_end (DINO: 0.04 -> 0.4, main_dino.py l.309-312 with utils.cosine_scheduler l.187-198).
+  exclude_bias_and_norm: no weight decay or LARS trust ratio on parameters with at most one dimension
+    (biases, norm scales), as SimCLR, BYOL, Barlow Twins and DINO ("ndim > 1 and not a bias",
+    utils.get_params_groups l.632-643); False decays everything, as MoCo v1/v2, SimSiam, SwAV and MoCo v3's
+    AdamW (main_moco.py l.228-230) do. no_decay_names: parameter names excluded the same way.
+  clip_global_norm: rescale the whole gradient to global norm <= c; clip_per_param: rescale each
+    parameter's gradient to norm <= c on its own (DINO's utils.clip_gradients, utils.py l.132-141; not
+    the same thing). 0 = off.
+  groups: parameter groups, ((regex, settings), ...): the first regex that fully matches a parameter's
+    "/"-joined path ("encoder/Conv_0/kernel") gives its settings; parameters no regex matches use the
+    defaults. Settings (GROUP_SETTINGS): lr_mult (x the learning-rate schedule) or fixed_lr (a constant
+    base rate, scaled by the batch like base_learning_rate: SimSiam's --fix-pred-lr), wd_mult (x weight
+    decay; 0 excludes), frozen (never updated) or frozen_until_step=N (not updated while step < N: SwAV's
+    prototypes, DINO's last layer), required (default True: a group that takes no parameter is an
+    error). A frozen parameter is skipped as PyTorch skips a parameter whose grad is None: no update, no
+    weight decay, no momentum or Adam moment advanced.
+  """
+  out = dict(weight_decay=0.0, weight_decay_schedule="constant", weight_decay_end=0.0, momentum=0.9,
+             nesterov=False, trust_coefficient=1e-3, b1=0.9, b2=0.999, exclude_bias_and_norm=True,
+             no_decay_names=(), clip_global_norm=0.0, clip_per_param=0.0, groups=())
+  unknown = set(settings) - set(out)
+  if unknown:
+    raise ConfigError(f"unknown optimizer setting(s) {sorted(unknown)}")
+  out.update(settings)
+  return out
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def optimizer_groups(groups, where: str = "optimizer") -> List[Tuple[str, "re.Pattern", Dict[str, Any]]]:
+  """`groups` (see optimizer_settings) checked and completed: [(regex, compiled regex, settings)], the
+  settings holding lr_mult, fixed_lr (None when unset), wd_mult, frozen_until_step (FROZEN_FOREVER for
+  frozen) and required. Accepts the lists config.json turns the pairs into. Raises ConfigError (one line)."""
+  def fail(i, msg):
+    raise ConfigError(f"{where}.groups[{i}]: {msg}")
+
+  if not isinstance(groups, (tuple, list)):
+    raise ConfigError(f"{where}.groups must be a tuple of (regex, settings) pairs, got {groups!r}")
+  out = []
+  for i, rule in enumerate(groups):
+    if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str)
+        or not isinstance(rule[1], (dict, ml_collections.ConfigDict))):
+      fail(i, f"must be a (regex, settings dict) pair, got {rule!r}")
+    pattern, given = rule[0], dict(rule[1])
+    unknown = set(given) - set(GROUP_SETTINGS)
+    if unknown:
+      fail(i, f"unknown group setting(s) {sorted(unknown)}; known: {', '.join(GROUP_SETTINGS)}")
+    try:
+      compiled = re.compile(pattern)
+    except re.error as e:
+      fail(i, f"regex {pattern!r} does not compile ({e})")
+    if "lr_mult" in given and "fixed_lr" in given:
+      fail(i, "set lr_mult or fixed_lr, not both (fixed_lr replaces the schedule)")
+    if "frozen" in given and "frozen_until_step" in given:
+      fail(i, "set frozen (for the whole run) or frozen_until_step, not both")
+    for key in ("lr_mult", "fixed_lr"):
+      if key in given and not (_is_number(given[key]) and given[key] > 0):
+        fail(i, f"{key} must be a number > 0 (freeze a group with frozen), got {given[key]!r}")
+    if "wd_mult" in given and not (_is_number(given["wd_mult"]) and given["wd_mult"] >= 0):
+      fail(i, f"wd_mult must be a number >= 0, got {given['wd_mult']!r}")
+    for key in ("frozen", "required"):
+      if key in given and not isinstance(given[key], bool):
+        fail(i, f"{key} must be True or False, got {given[key]!r}")
+    until = given.get("frozen_until_step", 0)
+    if not (isinstance(until, int) and not isinstance(until, bool) and until >= 0):
+      fail(i, f"frozen_until_step must be an integer >= 0 (a step; methods convert epochs), got {until!r}")
+    fixed = given.get("fixed_lr")
+    settings = dict(lr_mult=float(given.get("lr_mult", 1.0)), fixed_lr=None if fixed is None else float(fixed),
+                    wd_mult=float(given.get("wd_mult", 1.0)),
+                    frozen_until_step=FROZEN_FOREVER if given.get("frozen") else until,
+                    required=given.get("required", True))
+    out.append((pattern, compiled, settings))
+  return out
+
+
+def optimizer_name_key(opt) -> str:
+  """The key naming the optimizer: `name` in cfg.optimizer, `optimizer` in an evaluation protocol's
+  section (which also holds the protocol's own settings)."""
+  return "name" if "name" in opt else "optimizer"
+
+
+def check_optimizer(opt, where: str) -> None:
+  """Raises ConfigError (one line) for an optimizer section (optimizer_settings' keys and its name) that
+  cannot run; `where` names the section in the message ("optimizer", "eval.finetune")."""
+  def fail(msg):
+    raise ConfigError(f"{where}{msg}")
+
+  key = optimizer_name_key(opt)
+  if opt[key] not in OPTIMIZERS:
+    fail(f".{key} must be {', '.join(OPTIMIZERS[:-1])} or {OPTIMIZERS[-1]}, got {opt[key]!r}")
+  if opt.weight_decay < 0 or opt.weight_decay_end < 0:
+    fail(f": weight_decay and weight_decay_end must be >= 0, got {opt.weight_decay} and {opt.weight_decay_end}")
+  if opt.weight_decay_schedule not in ("constant", "cosine"):
+    fail(f".weight_decay_schedule must be constant or cosine, got {opt.weight_decay_schedule!r}")
+  if not 0 <= opt.momentum < 1:
+    fail(f".momentum must be in [0, 1), got {opt.momentum}")
+  if opt.clip_global_norm < 0 or opt.clip_per_param < 0 or (opt.clip_global_norm and opt.clip_per_param):
+    fail(f": clip_global_norm and clip_per_param must be >= 0 (0 = off) and at most one of them set; got "
+         f"{opt.clip_global_norm} and {opt.clip_per_param}")
+  optimizer_groups(opt.groups, where)
+
+
 def supervised_protocol(**settings) -> ml_collections.ConfigDict:
-  """Settings of one image-level evaluation protocol (ssl_jax/evaluate/supervised.py)."""
+  """Settings of one image-level evaluation protocol (ssl_jax/evaluate/supervised.py). `optimizer` names
+  its optimizer, built by optim.build from this section's optimizer_settings keys."""
   out = dict(train_encoder=False, label_fractions=(1.0,), epochs=(90.0,), total_steps=0, batch_size=4096,
-             optimizer="sgd", base_learning_rate=0.1, lr_scaling="linear", weight_decay=0.0, momentum=0.9,
-             nesterov=True, warmup_epochs=0.0, schedule="cosine", lr_drop_epochs=(), crop_scale=(0.08, 1.0),
-             log_every_steps=50, checkpoint_every_steps=1000)
+             optimizer="sgd", base_learning_rate=0.1, lr_scaling="linear", warmup_epochs=0.0,
+             schedule="cosine", lr_drop_epochs=(), crop_scale=(0.08, 1.0), log_every_steps=50,
+             checkpoint_every_steps=1000, **optimizer_settings(weight_decay=0.0, momentum=0.9, nesterov=True))
   unknown = set(settings) - set(out)
   if unknown:
     raise ConfigError(f"unknown evaluation protocol setting(s) {sorted(unknown)}")
@@ -124,7 +241,8 @@ def with_defaults(saved: dict) -> ml_collections.ConfigDict:
         v = merge(base[k] if isinstance(base.get(k), dict) else {}, v)
       out[k] = v
     return out
-  return ml_collections.ConfigDict(merge(base_config(saved["method"]["name"]).to_dict(), saved))
+  base = base_config(saved["method"]["name"], saved.get("model", {}).get("name", "resnet"))
+  return ml_collections.ConfigDict(merge(base.to_dict(), saved))
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -144,6 +262,9 @@ def add_view(cfg, name: str, num: int = 1, **settings) -> None:
   view = dict(views.VIEW_DEFAULTS)
   view.update(settings)
   view["num"] = num
+  # The views' order (global crops first for multi-crop methods) as a number: a config.json sorts its
+  # keys, so the order of cfg.views' keys does not survive a round trip (methods/base.py ordered_views).
+  view["order"] = len(cfg.views)
   with cfg.views.unlocked():
     cfg.views[name] = ml_collections.ConfigDict(view)
 
@@ -158,17 +279,11 @@ def parse_variants(arg, known: Iterable[str], default: str) -> Set[str]:
 
 
 def apply_tiny(cfg) -> None:
-  """A <1M-parameter encoder (ResNet-18 at width 16, 0.7M parameters) and small heads, for CPU runs and
-  tests; everything else keeps the recipe it is combined with."""
-  cfg.model.depth = 18
-  cfg.model.width = 16
-  for key in ("proj_hidden_dim", "pred_hidden_dim"):
-    if key in cfg.method:
-      cfg.method[key] = 256
-  if "proj_dim" in cfg.method:
-    cfg.method.proj_dim = min(cfg.method.proj_dim, 64)
-  if "queue_size" in cfg.method:
-    cfg.method.queue_size = 4096
+  """The `tiny` variant, for CPU runs and tests: the model's small size (ResNet-18 at width 16, 0.7M
+  parameters) and the method's small heads and queues, each defined by its owner; everything else keeps
+  the recipe it is combined with."""
+  models.apply_tiny(cfg.model)
+  methods.apply_tiny(cfg)
 
 
 def validate(cfg, num_devices: int, num_processes: int = 1, platform: str = "") -> None:
@@ -194,14 +309,13 @@ def validate(cfg, num_devices: int, num_processes: int = 1, platform: str = "") 
          f"batch_size={cfg.batch_size}")
   if cfg.optimizer.base_learning_rate <= 0:
     fail(f"optimizer.base_learning_rate must be > 0, got {cfg.optimizer.base_learning_rate}")
-  if cfg.optimizer.name not in ("lars", "sgd", "adamw"):
-    fail(f"optimizer.name must be lars, sgd or adamw, got {cfg.optimizer.name!r}")
+  check_optimizer(cfg.optimizer, "optimizer")
   if cfg.optimizer.lr_scaling not in ("linear", "sqrt", "none"):
     fail(f"optimizer.lr_scaling must be linear, sqrt or none, got {cfg.optimizer.lr_scaling!r}")
-  if "temperature" in cfg.method and cfg.method.temperature <= 0:
-    fail(f"method.temperature must be > 0, got {cfg.method.temperature}")
-  if "queue_size" in cfg.method and cfg.method.queue_size % cfg.batch_size:
-    fail(f"method.queue_size={cfg.method.queue_size} must be a multiple of batch_size={cfg.batch_size}")
+  if cfg.optimizer.schedule not in SCHEDULES:
+    fail(f"optimizer.schedule must be {', '.join(SCHEDULES)}, got {cfg.optimizer.schedule!r}")
+  if cfg.optimizer.end_learning_rate < 0 or cfg.optimizer.warmup_epochs < 0:
+    fail("optimizer.end_learning_rate and optimizer.warmup_epochs must be >= 0")
   if cfg.total_steps < 0 or (cfg.total_steps == 0 and cfg.num_epochs <= 0):
     fail("set total_steps > 0 or num_epochs > 0")
   if cfg.skip_nonfinite_steps < 0:
@@ -212,22 +326,15 @@ def validate(cfg, num_devices: int, num_processes: int = 1, platform: str = "") 
       cfg.checkpoint_every_steps % cfg.steps_per_loop):
     fail(f"steps_per_loop={cfg.steps_per_loop} must be > 0 and divide log_every_steps={cfg.log_every_steps} "
          f"and checkpoint_every_steps={cfg.checkpoint_every_steps}")
-  if cfg.steps_per_loop > 1 and platform == "cpu" and cfg.model.conv_impl == "xla":
-    # XLA:CPU rewrites a kernel-gradient convolution into its library's layout only outside loops
-    # (models/conv.py, _xla_conv_input_grad): inside the scan a step measured 37x and 54x slower.
-    fail(f"steps_per_loop={cfg.steps_per_loop} with model.conv_impl=xla is ~40x slower on CPU; "
-         "use model.conv_impl=patches or winograd, or steps_per_loop=1")
-  if cfg.model.dtype not in ("float32", "bfloat16"):
-    fail(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
-  if cfg.model.conv_impl not in CONV_IMPLS:
-    fail(f"model.conv_impl must be xla, patches or winograd, got {cfg.model.conv_impl!r}")
+  models.check(cfg.model, platform, cfg.steps_per_loop)
   validate_eval(cfg)
   if not cfg.views:
     fail("the config defines no views")
   for name, view in cfg.views.items():
-    unknown = set(view) - set(views.VIEW_DEFAULTS) - {"num"}
+    unknown = set(view) - set(views.VIEW_DEFAULTS) - {"num", "order"}
     if unknown:
       fail(f"unknown view setting(s) {sorted(unknown)} in views.{name}")
+  methods.check_config(cfg)  # last: a method's checks may rely on the settings checked above
 
 
 def validate_eval(cfg) -> None:
@@ -244,8 +351,9 @@ def validate_eval(cfg) -> None:
                         f"{tuple(p.label_fractions)} and {tuple(p.epochs)}")
     if p.base_learning_rate <= 0 or p.batch_size <= 0:
       raise ConfigError(f"eval.{name}: base_learning_rate and batch_size must be > 0")
-    if p.optimizer not in ("sgd", "lars") or p.schedule not in ("cosine", "steps"):
-      raise ConfigError(f"eval.{name}: optimizer must be sgd or lars and schedule cosine or steps")
+    if p.schedule not in ("cosine", "steps"):
+      raise ConfigError(f"eval.{name}: schedule must be cosine or steps, got {p.schedule!r}")
+    check_optimizer(p, f"eval.{name}")
 
 
 def resolve(cfg, num_train_examples: int) -> ml_collections.ConfigDict:
@@ -254,7 +362,3 @@ def resolve(cfg, num_train_examples: int) -> ml_collections.ConfigDict:
   if cfg.total_steps == 0:
     cfg.total_steps = max(1, int(math.floor(cfg.num_epochs * num_train_examples / cfg.batch_size)))
   return cfg
-
-
-def steps_per_epoch(cfg, num_train_examples: int) -> float:
-  return num_train_examples / cfg.batch_size

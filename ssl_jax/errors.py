@@ -8,3 +8,8 @@ TensorFlow or JAX first: bad input is rejected in about a second, before the hea
 
 class UserError(Exception):
   """Bad input; the message is one actionable line."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config that cannot run; the message is one actionable line. (Here, not in config.py, so that
+  methods and models can raise it from their own checks without importing the config schema.)"""

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config as config_lib
-from ssl_jax import distributed, guard, losses, methods, optim, parallel
+from ssl_jax import distributed, guard, methods, optim, parallel
 from ssl_jax import workdir as workdir_lib
 from ssl_jax import metrics as metrics_lib
 from ssl_jax.data import datasets, pipeline
@@ -71,6 +71,19 @@ def create_train_state(config, method, schedule: Callable, num_classes: int):
   return state, tx
 
 
+def _probe_terms(logits, labels):
+  """The online probe's loss and accuracy over the labelled examples of the global batch (the same value
+  on every device: sums over devices). Examples without a label (-1: STL-10's unlabelled split) are
+  ignored, since devices hold different numbers of them; a batch with none gives 0."""
+  labelled = labels >= 0
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, jnp.maximum(labels, 0)[:, None], axis=1)[:, 0]
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  count = jnp.maximum(parallel.sum(jnp.sum(labelled.astype(jnp.float32))), 1.0)
+  return (parallel.sum(jnp.sum(jnp.where(labelled, nll, 0.0))) / count,
+          parallel.sum(jnp.sum(jnp.where(labelled, correct, 0.0))) / count)
+
+
 def make_train_step(config, method, tx, schedule: Callable, mesh, num_classes: int):
   """step(state, batch) -> (new state, metrics). Not jitted: `jit_train_step` adds the shardings."""
   probe = probe_head(num_classes) if config.online_probe else None
@@ -82,9 +95,9 @@ def make_train_step(config, method, tx, schedule: Callable, mesh, num_classes: i
     total = loss
     if probe is not None:
       logits = probe.apply({"params": params["online_probe"]}, jax.lax.stop_gradient(out.representation))
-      probe_loss = losses.softmax_cross_entropy(logits, batch["label"])
+      probe_loss, probe_accuracy = _probe_terms(logits, batch["label"])
       metrics["probe_loss"] = probe_loss
-      metrics["probe_accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+      metrics["probe_accuracy"] = probe_accuracy
       total = total + probe_loss
     # Mean over devices: every device holds the same number of examples, so this is the global mean.
     # Per-device BN statistics (MoCo) are averaged too; for global BN they are already identical.
@@ -106,6 +119,8 @@ def make_train_step(config, method, tx, schedule: Callable, mesh, num_classes: i
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    params = dict(method.after_update({k: v for k, v in params.items() if k != "online_probe"}, state.step),
+                  **({"online_probe": params["online_probe"]} if "online_probe" in params else {}))
     method_params = {k: v for k, v in params.items() if k != "online_probe"}
     method_state = method.update_state(state.method_state, method_params, state_stats, per_example,
                                        state.step)
@@ -154,11 +169,11 @@ def build(config, mesh, num_train_examples: int, num_classes: int):
   """Resolved config, method, initial state (replicated on the mesh), the jitted step, the jitted loop of
   config.steps_per_loop steps (None when that is 1) and the schedule."""
   config = config_lib.resolve(config, num_train_examples)
-  method = methods.get(config)
-  steps_per_epoch = num_train_examples / config.batch_size
-  schedule = optim.warmup_cosine(optim.peak_learning_rate(config),
-                                 int(round(config.optimizer.warmup_epochs * steps_per_epoch)),
-                                 config.total_steps, config.optimizer.end_learning_rate)
+  method = methods.get(config, methods.DataFacts(num_train_examples, config.batch_size))
+  opt = config.optimizer
+  end = optim.scaled_learning_rate(opt.end_learning_rate, opt.lr_scaling, config.batch_size)
+  schedule = optim.learning_rate(opt, optim.peak_learning_rate(config), config.total_steps,
+                                 num_train_examples / config.batch_size, end)
   state, tx = create_train_state(config, method, schedule, num_classes)
   state = parallel.replicate(mesh, state)
   step = make_train_step(config, method, tx, schedule, mesh, num_classes)

@@ -201,9 +201,22 @@ def test_winograd_backward_transforms_are_the_forward_transposes(h, w):
   np.testing.assert_allclose(conv_lib._gradient_tiles(g), want_gt, rtol=1e-5, atol=1e-4)
 
 
-def test_config_validation_knows_every_conv_impl():
-  from ssl_jax import config as config_lib
-  assert config_lib.CONV_IMPLS == tuple(conv_lib.CONV_IMPLS)
+def test_conv_impl_checks_live_with_the_convolutions():
+  """The model's checks (models.check, which config.validate calls) accept every implementation and turn
+  down the others and a loop of xla steps on CPU in one line."""
+  from ssl_jax import models
+  from ssl_jax.errors import ConfigError
+  m = models.default_config("resnet")
+  for impl in conv_lib.CONV_IMPLS:
+    m.conv_impl = impl
+    models.check(m, "cpu", steps_per_loop=1 if impl == "xla" else 4)
+  m.conv_impl = "cudnn"
+  with pytest.raises(ConfigError, match="model.conv_impl must be xla, patches, winograd, got 'cudnn'"):
+    models.check(m)
+  m.conv_impl = "xla"
+  with pytest.raises(ConfigError, match="~40x slower on CPU"):
+    models.check(m, "cpu", steps_per_loop=2)
+  models.check(m, "tpu", steps_per_loop=2)
 
 
 def test_unknown_conv_impl_and_unsupported_settings_raise():

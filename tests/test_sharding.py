@@ -52,7 +52,7 @@ def assert_trees_close(a, b, rtol, atol):
     np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("name", ["simclr", "byol"])
+@pytest.mark.parametrize("name", ["simclr", "byol", "simsiam", "barlow_twins", "vicreg"])
 def test_eight_devices_equal_one(name):
   assert jax.device_count() == 8
   cfg = small_config(name)
@@ -62,8 +62,10 @@ def test_eight_devices_equal_one(name):
   for key in ("loss", "total_loss", "grad_norm", "embedding_std", "probe_accuracy"):
     np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
   # New params = old - 0.1 * grad, so equal new params mean equal gradients, including the gradient that
-  # flows back through the gathered negatives from other devices.
-  assert_trees_close(eight.params, one.params, rtol=1e-4, atol=2e-6)
+  # flows back through the gathered negatives from other devices. Barlow Twins' loss sums 256 x 256
+  # correlations, so its gradients (and their float32 rounding over 8 partial sums) are larger: 3.4e-6
+  # on a parameter of 0.0077 among values up to 4.5 was seen.
+  assert_trees_close(eight.params, one.params, rtol=1e-4, atol=1e-5 if name == "barlow_twins" else 2e-6)
   assert_trees_close(eight.batch_stats, one.batch_stats, rtol=1e-4, atol=1e-5)
   assert_trees_close(eight.method_state, one.method_state, rtol=1e-4, atol=1e-5)
 

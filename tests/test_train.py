@@ -46,7 +46,7 @@ def read_metrics(workdir):
   return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", ["simclr", "byol", "moco_v2"])
+@pytest.mark.parametrize("name", ["simclr", "byol", "moco_v2", "simsiam", "barlow_twins", "vicreg"])
 def test_config_tiny_variant_runs(name, data_dir, tmp_path, monkeypatch):
   # A relative workdir, as `make quickstart` passes (orbax itself only accepts absolute paths).
   monkeypatch.chdir(tmp_path)
@@ -58,7 +58,7 @@ def test_config_tiny_variant_runs(name, data_dir, tmp_path, monkeypatch):
     assert all(np.isfinite(r[key]) for r in rows), key
   assert out["step"] == 3
   saved = json.loads((tmp_path / "config.json").read_text())
-  assert saved["method"]["name"] == name and saved["total_steps"] == 3
+  assert saved["method"]["name"] == out["config"].method.name and saved["total_steps"] == 3
   assert ckpt_lib.Manager(str(tmp_path), out["config"]).all_steps() == [2, 3]
 
 
@@ -141,7 +141,7 @@ BAD_INPUTS = [
     (["--config=configs/moco_v2.py:cifar10,tiny", "--config.method.queue_size=100", "--config.batch_size=64"],
      "queue_size=100 must be a multiple of batch_size=64"),
     (["--config=configs/simclr.py:cifar11"], "unknown config variant"),
-    (["--config.model.conv_impl=cudnn"], "model.conv_impl must be xla, patches or winograd"),
+    (["--config.model.conv_impl=cudnn"], "model.conv_impl must be xla, patches, winograd"),
     (["--config.steps_per_loop=3", "--config.log_every_steps=10"], "steps_per_loop=3 must be > 0 and divide"),
     (["--config.steps_per_loop=2", "--config.log_every_steps=10", "--config.checkpoint_every_steps=10"],
      "steps_per_loop=2 with model.conv_impl=xla is ~40x slower on CPU"),

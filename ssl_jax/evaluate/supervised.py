@@ -25,7 +25,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -56,20 +55,6 @@ def train_view(crop_size: int, crop_scale) -> Dict[str, Any]:
   view.update(crop_size=crop_size, crop_scale=tuple(crop_scale), flip_prob=0.5, color_jitter_prob=0.0,
               grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
   return view
-
-
-def schedule_for(p, peak: float, total_steps: int, steps_per_epoch: float) -> Callable:
-  if p.schedule == "steps":
-    return optim.step_decay(peak, [int(round(e * steps_per_epoch)) for e in p.lr_drop_epochs])
-  return optim.warmup_cosine(peak, int(round(p.warmup_epochs * steps_per_epoch)), total_steps)
-
-
-def make_optimizer(p, schedule: Callable, params) -> optax.GradientTransformation:
-  """SGD (Nesterov by default) or LARS with weight decay on weights only (biases and BN excluded)."""
-  shim = ml_collections.ConfigDict(dict(optimizer=dict(
-      name=p.optimizer, weight_decay=p.weight_decay, momentum=p.momentum, nesterov=p.nesterov,
-      trust_coefficient=1e-3, b1=0.9, b2=0.999, exclude_bias_and_norm=True, no_decay_names=())))
-  return optim.create_optimizer(shim, schedule, params)
 
 
 def make_step(encoder: nn.Module, head: nn.Module, tx, schedule: Callable, train_encoder: bool,
@@ -115,10 +100,12 @@ def check_batch(cfg, p, name: str, num_devices: int, num_processes: int) -> None
 
 
 def build(p, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, schedule: Callable, info, seed: int,
-          represent: Optional[Callable] = None):
+          represent: Optional[Callable] = None, total_steps: Optional[int] = None, where: str = "eval"):
   """(initial state replicated on the mesh, jitted step, jitted predict(state, x) -> logits) of one
   protocol's classifier. variables: the encoder's {"params", "batch_stats"}, or None with a custom
-  `represent(params, batch_stats, x)` (the raw-pixel baseline)."""
+  `represent(params, batch_stats, x)` (the raw-pixel baseline). The optimizer is optim.build's from the
+  protocol's section `p` (SGD, Nesterov by default; weight decay on weights only); total_steps: the run's
+  (read by a cosine weight decay); where: the section's name in error messages ("eval.finetune")."""
   train_encoder = bool(p.train_encoder)
   if represent is None:
     represent = lambda params, batch_stats, x: encoder.apply({"params": params, "batch_stats": batch_stats},
@@ -131,7 +118,7 @@ def build(p, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, sche
   frozen = variables["params"] if variables else {}
   if train_encoder:
     params["encoder"], frozen = frozen, {}
-  tx = make_optimizer(p, schedule, params)
+  tx = optim.build(p, params, schedule, batch_size=p.batch_size, total_steps=total_steps, where=where)
   state = ClassifierState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                           batch_stats=variables["batch_stats"] if variables else {}, opt_state=tx.init(params))
   state = parallel.replicate(mesh, state)
@@ -168,9 +155,10 @@ def train_and_score(cfg, protocol: str, encoder: nn.Module, variables: Optional[
   steps_per_epoch = num_labelled / p.batch_size
   total_steps = p.total_steps or max(1, int(math.floor(epochs * steps_per_epoch)))
   peak = optim.scaled_learning_rate(p.base_learning_rate, p.lr_scaling, p.batch_size)
-  schedule = schedule_for(p, peak, total_steps, steps_per_epoch)
+  schedule = optim.learning_rate(p, peak, total_steps, steps_per_epoch)
 
-  state, step_fn, predict = build(p, encoder, variables, mesh, schedule, info, cfg.seed, represent)
+  state, step_fn, predict = build(p, encoder, variables, mesh, schedule, info, cfg.seed, represent,
+                                  total_steps, f"eval.{protocol}")
   manager, start_step = None, 0
   if checkpoint_dir is not None:
     manager = ckpt_lib.Manager(None, cfg, directory=checkpoint_dir)

@@ -1,24 +1,45 @@
-"""Methods by name. Adding a method is one module here plus one config file."""
+"""Methods by name (`method.name`). Adding a method is one module here, one line below and one config file."""
 
-from ssl_jax.methods import byol, moco, simclr
-from ssl_jax.methods.base import Method
+from __future__ import annotations
 
-REGISTRY = {
-    "simclr": (simclr.SimCLR, simclr.default_config),
-    "byol": (byol.BYOL, byol.default_config),
-    "moco_v2": (moco.MoCo, moco.default_config),
-}
+from typing import Optional
+
+from ssl_jax.methods import barlow_twins, byol, moco, simclr, simsiam, vicreg
+from ssl_jax.methods.base import DataFacts, Method
+from ssl_jax.errors import ConfigError
+from ssl_jax.registry import Registry
+
+METHODS: Registry[type] = Registry("method.name")
+METHODS.register("simclr")(simclr.SimCLR)
+METHODS.register("byol")(byol.BYOL)
+METHODS.register("moco")(moco.MoCo)
+METHODS.register("moco_v2")(moco.MoCo)  # the name of workdirs written before v1 and v2 shared it
+METHODS.register("simsiam")(simsiam.SimSiam)
+METHODS.register("barlow_twins")(barlow_twins.BarlowTwins)
+METHODS.register("vicreg")(vicreg.VICReg)
 
 
-def get(config) -> Method:
-  """The method named by config.method.name, built from the config."""
-  name = config.method.name
-  if name not in REGISTRY:
-    raise ValueError(f"unknown method.name {name!r}; known: {', '.join(sorted(REGISTRY))}")
-  return REGISTRY[name][0](config)
+def get(config, data: Optional[DataFacts] = None) -> Method:
+  """The method named by config.method.name, built from the config (and the training data's facts,
+  where the method's schedules need them)."""
+  return METHODS.get(config.method.name)(config, data)
 
 
 def default_config(name: str):
-  if name not in REGISTRY:
-    raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}")
-  return REGISTRY[name][1]()
+  return METHODS.get(name).default_config()
+
+
+def check_config(cfg) -> None:
+  """The method's own checks of `cfg` (one-line ConfigErrors)."""
+  method = METHODS.get(cfg.method.name)
+  unknown = set(cfg.method) - set(method.default_config())
+  if unknown:
+    raise ConfigError(f"unknown method setting(s) {sorted(unknown)} for method.name={cfg.method.name!r}")
+  method.check_config(cfg)
+
+
+def apply_tiny(cfg) -> None:
+  METHODS.get(cfg.method.name).apply_tiny(cfg)
+
+
+__all__ = ["DataFacts", "METHODS", "Method", "apply_tiny", "check_config", "default_config", "get"]

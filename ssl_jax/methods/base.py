@@ -7,7 +7,13 @@ The generic trainer (ssl_jax/train.py) knows nothing about any method. It asks t
 * `loss(...)`: called per device inside `shard_map` over the "data" axis, on this device's slice of the
   global batch; cross-device communication goes through ssl_jax.parallel,
 * `update_state(...)`: after the optimizer step, outside the sharded region: EMA targets, queues,
-  memory banks, centers.
+  memory banks, centers,
+* `after_update(params, step)`: a change of the parameters after the optimizer step (SwAV renormalizes
+  its prototypes).
+A method also owns its configuration: `default_config()` (every `method.*` key), `check_config(cfg)`
+(one-line ConfigErrors for impossible settings, before anything compiles) and `apply_tiny(cfg)` (its part
+of the `tiny` variant). It knows the data's facts (`self.data`: training examples, steps per epoch) for
+schedules and events counted in epochs.
 
 `method_state` is a pytree the method owns (target params, a queue, a memory bank of per-example
 features, running centers); the trainer keeps it in the one TrainState and checkpoints it.
@@ -71,25 +77,53 @@ class Network(nn.Module):
     return h, z, p
 
 
+@dataclasses.dataclass(frozen=True)
+class DataFacts:
+  """What a method may need to know of its training data: schedules and events counted in epochs
+  (SwAV's queue start, freezes counted in epochs) need the steps per epoch."""
+
+  num_train_examples: int
+  batch_size: int  # global
+
+  @property
+  def steps_per_epoch(self) -> float:
+    return self.num_train_examples / self.batch_size
+
+  def steps(self, epochs: float) -> int:
+    """`epochs` as a number of steps (rounded)."""
+    return int(round(epochs * self.steps_per_epoch))
+
+
+def ordered_views(cfg) -> list:
+  """config.views in the views' `order` (config_lib.add_view numbers them; a config.json sorts its keys, so
+  their order there is not the views' order), global crops before local ones as multi-crop methods index
+  them. Configs written before views were numbered keep their keys' order."""
+  entries = list(cfg.views.values())
+  return sorted(entries, key=lambda v: v.get("order", entries.index(v)))
+
+
+def view_crop_sizes(cfg) -> list:
+  """The crop size of every view (`num` copies of each), in order: for methods' checks of their views
+  before anything is built."""
+  return [v.crop_size for v in ordered_views(cfg) for _ in range(v.num)]
+
+
 def dtype_of(config):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
+  return models.DTYPES[config.model.dtype]
 
 
 def build_encoder(config, bn_axis_name: Optional[str] = DATA) -> nn.Module:
-  """The encoder named by config.model.name."""
-  m = config.model
-  if m.name == "resnet":
-    return models.create_resnet(m.depth, width=m.width, width_multiplier=m.width_multiplier,
-                                cifar_stem=m.cifar_stem, dtype=dtype_of(config), bn_axis_name=bn_axis_name,
-                                bn_momentum=m.bn_momentum, conv_impl=m.conv_impl)
-  raise ValueError(f"unknown model.name {m.name!r}")
+  """The encoder named by config.model.name (ssl_jax/models)."""
+  return models.build(config.model, bn_axis_name)
 
 
 def build_head(config, hidden_dims: Sequence[int], output_dim: int, use_bn: bool, output_bn: bool,
-               output_bias: Optional[bool] = None, bn_axis_name: Optional[str] = DATA) -> models.MLPHead:
+               output_bias: Optional[bool] = None, bn_axis_name: Optional[str] = DATA,
+               **options) -> models.MLPHead:
+  """options: further MLPHead fields (hidden_bias, output_bn_scale)."""
   return models.MLPHead(hidden_dims=tuple(hidden_dims), output_dim=output_dim, use_bn=use_bn,
                         output_bn=output_bn, output_bias=output_bias, dtype=dtype_of(config),
-                        bn_axis_name=bn_axis_name, bn_momentum=config.model.bn_momentum)
+                        bn_axis_name=bn_axis_name, bn_momentum=config.model.bn_momentum, **options)
 
 
 def init_network(network: Network, rng, x):
@@ -106,6 +140,24 @@ def apply_train(network: Network, params, batch_stats, x):
   return out, updates["batch_stats"]
 
 
+def forward_crops(network: nn.Module, params, batch_stats, crops: Sequence[jax.Array]):
+  """Training-mode forward of `network` over multi-crop views: one call per run of consecutive crops of the
+  same resolution, concatenated over the batch (so batch norm sees all of them at once), as the official
+  multi-crop wrappers do (SwAV main_swav.py / DINO utils.MultiCropWrapper). Returns (one output pytree per
+  crop, new batch_stats)."""
+  outputs, start = [], 0
+  while start < len(crops):
+    end = start
+    while end < len(crops) and crops[end].shape[1:] == crops[start].shape[1:]:
+      end += 1
+    n = [c.shape[0] for c in crops[start:end]]
+    out, batch_stats = apply_train(network, params, batch_stats, jnp.concatenate(crops[start:end], axis=0))
+    bounds = [sum(n[:i]) for i in range(len(n) + 1)]
+    outputs.extend(jax.tree.map(lambda t, a=a, b=b: t[a:b], out) for a, b in zip(bounds[:-1], bounds[1:]))
+    start = end
+  return outputs, batch_stats
+
+
 def ema(target, online, decay):
   """target <- decay * target + (1 - decay) * online, leaf by leaf."""
   return jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o, target, online)
@@ -116,16 +168,36 @@ class Method:
 
   encoder: nn.Module  # set by subclasses; its variables live under params["encoder"]
 
-  def __init__(self, config):
+  def __init__(self, config, data: Optional[DataFacts] = None):
+    """data: the training data's facts; None where only the networks are needed (evaluation)."""
     self.config = config
+    self.data = data
+
+  @staticmethod
+  def default_config():
+    """Every `method.*` key of this method, with the defaults of its paper."""
+    raise NotImplementedError
+
+  @classmethod
+  def check_config(cls, cfg) -> None:
+    """Raises ConfigError (one line) for settings of this method that cannot run."""
+
+  @classmethod
+  def apply_tiny(cls, cfg) -> None:
+    """This method's part of the `tiny` variant (smaller heads, queues); the model's is the model's."""
 
   def views(self) -> Sequence[Mapping[str, Any]]:
-    """One augmentation recipe per view, expanded from config.views (`num` copies of each)."""
+    """One augmentation recipe per view, expanded from config.views (`num` copies of each), in order
+    (ordered_views)."""
     out = []
-    for view in self.config.views.values():
-      settings = {k: v for k, v in view.items() if k != "num"}
+    for view in ordered_views(self.config):
+      settings = {k: v for k, v in view.items() if k not in ("num", "order")}
       out.extend(dict(settings) for _ in range(view.num))
     return out
+
+  def after_update(self, params, step):
+    """The parameters after the optimizer step, changed as the method needs (identity by default)."""
+    return params
 
   def init(self, rng, batch: Batch):
     raise NotImplementedError

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 
 from ssl_jax import losses, optim
+from ssl_jax.errors import ConfigError
 from ssl_jax.methods import base
 
 
@@ -27,8 +28,21 @@ def default_config() -> ml_collections.ConfigDict:
 
 class BYOL(base.Method):
 
-  def __init__(self, config):
-    super().__init__(config)
+  default_config = staticmethod(default_config)
+
+  @classmethod
+  def check_config(cls, cfg):
+    if not 0 <= cfg.method.base_ema <= 1:
+      raise ConfigError(f"method.base_ema must be in [0, 1], got {cfg.method.base_ema}")
+
+  @classmethod
+  def apply_tiny(cls, cfg):
+    cfg.method.proj_hidden_dim = 256
+    cfg.method.proj_dim = min(cfg.method.proj_dim, 64)
+    cfg.method.pred_hidden_dim = 256
+
+  def __init__(self, config, data=None):
+    super().__init__(config, data)
     m = config.method
     self.encoder = encoder = base.build_encoder(config)
     # Section 3.3 / the official MLP: Linear -> BN -> ReLU -> Linear without bias, no output BN.

@@ -1,5 +1,7 @@
-"""MoCo v2 (He et al. 2020, "Momentum Contrast for Unsupervised Visual Representation Learning"; Chen et
-al. 2020, "Improved Baselines with Momentum Contrastive Learning").
+"""MoCo v1 and v2 (He et al. 2020, "Momentum Contrast for Unsupervised Visual Representation Learning";
+Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning"): one method, two configs
+(configs/moco_v1.py: a linear 128-d head, temperature 0.07, the v1 augmentations, steps at epochs 120 and
+160; configs/moco_v2.py: an MLP head, temperature 0.2, "aug+", cosine).
 
 A query encoder trained by InfoNCE against a momentum-updated key encoder and a queue of K keys from
 earlier batches (`method_state`: key params, key BN statistics, queue, queue pointer).
@@ -23,16 +25,17 @@ import jax.numpy as jnp
 import ml_collections
 
 from ssl_jax import losses, parallel
+from ssl_jax.errors import ConfigError
 from ssl_jax.methods import base
 
 
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      name="moco_v2",
-      temperature=0.2,          # MoCo v2, section 2 ("tau = 0.2").
+      name="moco",
+      temperature=0.2,          # MoCo v2, section 2 ("tau = 0.2"); v1: 0.07.
       momentum=0.999,           # MoCo section 3.1 / 4.1: m = 0.999.
       queue_size=65536,         # K = 65536 (MoCo section 4.1).
-      proj_hidden_dim=2048,     # MoCo v2: 2-layer MLP head, 2048 hidden, ReLU, no BN.
+      proj_hidden_dim=2048,     # MoCo v2: 2-layer MLP head, 2048 hidden, ReLU, no BN; 0: v1's linear fc.
       proj_dim=128,
       shuffle_bn=True,
   ))
@@ -40,15 +43,35 @@ def default_config() -> ml_collections.ConfigDict:
 
 class MoCo(base.Method):
 
-  def __init__(self, config):
-    super().__init__(config)
+  default_config = staticmethod(default_config)
+
+  @classmethod
+  def check_config(cls, cfg):
+    m = cfg.method
+    if m.temperature <= 0:
+      raise ConfigError(f"method.temperature must be > 0, got {m.temperature}")
+    if not 0 <= m.momentum <= 1:
+      raise ConfigError(f"method.momentum must be in [0, 1], got {m.momentum}")
+    if m.queue_size <= 0 or m.queue_size % cfg.batch_size:
+      # The queue is replaced a whole global batch at a time (the official code asserts K % batch == 0).
+      raise ConfigError(f"method.queue_size={m.queue_size} must be a multiple of batch_size={cfg.batch_size}")
+
+  @classmethod
+  def apply_tiny(cls, cfg):
+    if cfg.method.proj_hidden_dim:
+      cfg.method.proj_hidden_dim = 256
+    cfg.method.proj_dim = min(cfg.method.proj_dim, 64)
+    cfg.method.queue_size = 4096
+
+  def __init__(self, config, data=None):
+    super().__init__(config, data)
     m = config.method
     # bn_axis_name=None: per-device statistics for both encoders (official MoCo uses no SyncBN).
     self.encoder = base.build_encoder(config, bn_axis_name=None)
     self.network = base.Network(
         encoder=self.encoder,
-        projector=base.build_head(config, [m.proj_hidden_dim], m.proj_dim, use_bn=False, output_bn=False,
-                                  bn_axis_name=None))
+        projector=base.build_head(config, [m.proj_hidden_dim] if m.proj_hidden_dim else [], m.proj_dim,
+                                  use_bn=False, output_bn=False, bn_axis_name=None))
 
   def init(self, rng, batch):
     rng_net, rng_queue = jax.random.split(rng)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ssl_jax import losses, parallel
+from ssl_jax.errors import ConfigError
 from ssl_jax.methods import base
 
 
@@ -28,8 +29,22 @@ def default_config() -> ml_collections.ConfigDict:
 
 class SimCLR(base.Method):
 
-  def __init__(self, config):
-    super().__init__(config)
+  default_config = staticmethod(default_config)
+
+  @classmethod
+  def check_config(cls, cfg):
+    if cfg.method.temperature <= 0:
+      raise ConfigError(f"method.temperature must be > 0, got {cfg.method.temperature}")
+    if cfg.method.proj_layers < 1:
+      raise ConfigError(f"method.proj_layers must be >= 1, got {cfg.method.proj_layers}")
+
+  @classmethod
+  def apply_tiny(cls, cfg):
+    cfg.method.proj_hidden_dim = 256
+    cfg.method.proj_dim = min(cfg.method.proj_dim, 64)
+
+  def __init__(self, config, data=None):
+    super().__init__(config, data)
     m = config.method
     self.encoder = base.build_encoder(config)
     self.network = base.Network(

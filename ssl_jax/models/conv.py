@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ssl_jax.errors import ConfigError
+
 
 def _channels_last(num_spatial: int) -> lax.ConvDimensionNumbers:
   """NHWC input, HWIO kernel, NHWC output (any number of spatial dims): what flax.linen.Conv uses."""
@@ -461,6 +463,18 @@ WinogradConv.__name__ = WinogradConv.__qualname__ = "Conv"
 
 
 CONV_IMPLS = {"xla": nn.Conv, "patches": Conv, "winograd": WinogradConv}
+
+
+def check(conv_impl: str, platform: str = "", steps_per_loop: int = 1) -> None:
+  """Raises ConfigError (one line) for a `model.conv_impl` that cannot run, or would run ~40x slower:
+  platform is the devices' jax platform where known, steps_per_loop the trainer's steps per call."""
+  if conv_impl not in CONV_IMPLS:
+    raise ConfigError(f"model.conv_impl must be {', '.join(CONV_IMPLS)}, got {conv_impl!r}")
+  if steps_per_loop > 1 and platform == "cpu" and conv_impl == "xla":
+    # XLA:CPU rewrites a kernel-gradient convolution into its library's layout only outside loops
+    # (_xla_conv_input_grad): inside the trainer's scan a step measured 37x and 54x slower.
+    raise ConfigError(f"steps_per_loop={steps_per_loop} with model.conv_impl=xla is ~40x slower on CPU; "
+                      "use model.conv_impl=patches or winograd, or steps_per_loop=1")
 
 
 def conv_class(conv_impl: str) -> type:

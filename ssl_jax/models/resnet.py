@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_jax.errors import ConfigError
+from ssl_jax.models import conv
 from ssl_jax.models.conv import conv_class
 
 # He et al. 2015 ("Delving deep into rectifiers"), fan-out normal: the initialization of torchvision's and
@@ -139,7 +141,28 @@ def create_resnet(depth: int, **kwargs) -> ResNet:
   return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, **kwargs)
 
 
-def feature_dim(depth: int, width: int = 64, width_multiplier: int = 1) -> int:
-  """Size of the pooled representation of create_resnet(depth, ...)."""
-  _, block_cls = STAGES[depth]
-  return width * width_multiplier * 8 * block_cls.expansion
+def default_config() -> dict:
+  """The `model.*` settings of model.name="resnet" (ResNet-50, ImageNet stem)."""
+  return dict(name="resnet", depth=50, width=64, width_multiplier=1, cifar_stem=False, dtype="float32",
+              bn_momentum=0.9,
+              conv_impl="xla")  # CPU only: "patches", "winograd" (models/conv.py; benchmarks/simclr_step.py)
+
+
+def build(m, dtype, bn_axis_name: Optional[str]) -> ResNet:
+  """The ResNet of the `model.*` settings `m`."""
+  return create_resnet(m.depth, width=m.width, width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem,
+                       dtype=dtype, bn_axis_name=bn_axis_name, bn_momentum=m.bn_momentum, conv_impl=m.conv_impl)
+
+
+def apply_tiny(m) -> None:
+  """ResNet-18 at width 16 (0.7M parameters): CPU runs and tests."""
+  m.depth = 18
+  m.width = 16
+
+
+def check(m, platform: str = "", steps_per_loop: int = 1) -> None:
+  if m.depth not in STAGES:
+    raise ConfigError(f"model.depth must be one of {sorted(STAGES)} for a ResNet, got {m.depth}")
+  if m.width <= 0 or m.width_multiplier <= 0:
+    raise ConfigError(f"model.width and model.width_multiplier must be > 0, got {m.width}, {m.width_multiplier}")
+  conv.check(m.conv_impl, platform, steps_per_loop)

@@ -1,0 +1,108 @@
+"""The method framework: every config of every method loads and validates, each method's impossible
+settings stop in one line, views keep their order through config.json, the online probe ignores
+unlabelled examples, and the registries name what they know."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import REPO
+from ssl_jax import config as config_lib
+from ssl_jax import methods, models, parallel, train
+from ssl_jax.errors import ConfigError
+from ssl_jax.methods import base
+
+CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "quickstart")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_variant_validates_and_survives_config_json(name):
+  for variant in ("imagenet", "cifar10", "cifar10,tiny"):
+    cfg = config_lib.load(f"{REPO}/configs/{name}.py:{variant}")
+    cfg.data_dir = "/data"
+    config_lib.validate(cfg, 8, 1, "cpu")
+    saved = config_lib.resolve(cfg, 50_000).to_dict()
+    again = config_lib.with_defaults(json.loads(json.dumps(saved, default=str)))
+    config_lib.validate(again, 8, 1, "cpu")
+    want = methods.get(config_lib.resolve(cfg, 50_000)).views()
+    assert methods.get(again).views() == want, (name, variant)
+
+
+def test_views_keep_their_order_through_config_json():
+  """config.json sorts keys: a local crop named before the global ones would come first without `order`."""
+  cfg = config_lib.load(f"{REPO}/configs/simclr.py:cifar10,tiny")
+  with cfg.views.unlocked():
+    del cfg.views["view"]
+  config_lib.add_view(cfg, "global", num=2, crop_size=32)
+  config_lib.add_view(cfg, "a_local", num=3, crop_size=16)
+  cfg.data_dir = "/data"
+  again = config_lib.with_defaults(json.loads(json.dumps(config_lib.resolve(cfg, 4000).to_dict())))
+  assert list(again.views) == ["a_local", "global"]  # what the file's key order would give
+  assert base.view_crop_sizes(again) == [32, 32, 16, 16, 16]
+  assert [v["crop_size"] for v in methods.get(again).views()] == [32, 32, 16, 16, 16]
+
+
+BAD = [
+    ("simclr", {"method.temperature": 0.0}, "method.temperature must be > 0"),
+    ("moco_v2", {"method.queue_size": 100, "batch_size": 64}, "queue_size=100 must be a multiple of batch_size=64"),
+    ("moco_v1", {"method.momentum": 1.5}, "method.momentum must be in [0, 1]"),
+    ("byol", {"method.base_ema": -0.1}, "method.base_ema must be in [0, 1]"),
+    ("simsiam", {"method.pred_hidden_dim": 0}, "head sizes > 0"),
+    ("barlow_twins", {"method.lambd": -1.0}, "method.lambd and method.official_gradient_gpus must be >= 0"),
+    ("vicreg", {"method.std_coeff": -25.0}, "sim_coeff, std_coeff and cov_coeff must be >= 0"),
+    ("simsiam", {"views.view.num": 3}, "simsiam takes 2 views, the config defines 3"),
+    ("simclr", {"model.depth": 19}, "model.depth must be one of"),
+    ("simclr", {"model.name": "vgg"}, "unknown model.name 'vgg'; known: resnet"),
+    ("simclr", {"optimizer.schedule": "linear"}, "optimizer.schedule must be cosine, cosine_per_epoch, steps"),
+    ("simsiam", {"optimizer.groups": (("projector/nothing", {"lr_mult": 2.0}),)}, "projector/nothing"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,message", BAD, ids=[m for _, _, m in BAD])
+def test_impossible_method_settings_stop_in_one_line(name, overrides, message):
+  cfg = config_lib.load(f"{REPO}/configs/{name}.py:cifar10,tiny")
+  cfg.data_dir = "/data"
+  for key, value in overrides.items():
+    target = cfg
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  with pytest.raises(ConfigError) as info:
+    config_lib.validate(cfg, 8, 1, "cpu")
+    # Group rules are checked against the parameters when the optimizer is built, before compiling.
+    cfg = config_lib.resolve(cfg, 4000)
+    train.create_train_state(cfg, methods.get(cfg), lambda s: 0.1, 10)
+  assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_registries_name_what_they_know():
+  assert {"simclr", "byol", "moco", "simsiam", "barlow_twins", "vicreg"} <= set(methods.METHODS.names())
+  with pytest.raises(ConfigError, match="unknown method.name 'dino'; known: barlow_twins, byol"):
+    methods.METHODS.get("dino")
+  assert models.MODELS.names() == ["resnet"]
+  assert methods.DataFacts(50_000, 512).steps(15) == round(15 * 50_000 / 512)
+
+
+def test_online_probe_ignores_unlabelled_examples_over_devices():
+  """STL-10's unlabelled examples have label -1: the probe's loss and accuracy are over the labelled ones
+  of the global batch, whatever device holds them (here unevenly: some devices hold none)."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(16, 5)).astype(np.float32)
+  labels = rng.integers(0, 5, size=16).astype(np.int32)
+  labels[[0, 1, 2, 3, 9, 15]] = -1
+  mesh = parallel.make_mesh()
+  loss, acc = jax.jit(jax.shard_map(train._probe_terms, mesh=mesh, in_specs=(P(parallel.DATA), P(parallel.DATA)),
+                                    out_specs=(P(), P())))(logits, labels)
+  keep = labels >= 0
+  log_probs = logits - np.log(np.sum(np.exp(logits), axis=1, keepdims=True))
+  want_loss = -np.mean(log_probs[keep, labels[keep]])
+  want_acc = np.mean(np.argmax(logits[keep], 1) == labels[keep])
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(acc, want_acc, rtol=1e-6)
+  assert jnp.isfinite(loss)
