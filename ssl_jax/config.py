@@ -81,7 +81,6 @@ def base_config(method: str, model: str = "resnet") -> ml_collections.ConfigDict
   return cfg
 
 
-OPTIMIZERS = ("lars", "sgd", "adamw")
 
 # The settings one parameter group may set (optimizer.groups; optim.build applies them).
 GROUP_SETTINGS = ("lr_mult", "fixed_lr", "wd_mult", "frozen", "frozen_until_step", "required")
@@ -186,8 +185,9 @@ def check_optimizer(opt, where: str) -> None:
     raise ConfigError(f"{where}{msg}")
 
   key = optimizer_name_key(opt)
-  if opt[key] not in OPTIMIZERS:
-    fail(f".{key} must be {', '.join(OPTIMIZERS[:-1])} or {OPTIMIZERS[-1]}, got {opt[key]!r}")
+  from ssl_jax import optim  # the registry of optimizers (optim imports this module: here, not at the top)
+  if opt[key] not in optim.OPTIMIZERS:
+    fail(f".{key} must be {', '.join(optim.OPTIMIZERS.names())}, got {opt[key]!r}")
   if opt.weight_decay < 0 or opt.weight_decay_end < 0:
     fail(f": weight_decay and weight_decay_end must be >= 0, got {opt.weight_decay} and {opt.weight_decay_end}")
   if opt.weight_decay_schedule not in ("constant", "cosine"):

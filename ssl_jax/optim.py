@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from ssl_jax import config as config_lib
+from ssl_jax.registry import Registry
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -203,6 +204,32 @@ class OptimizerState(NamedTuple):
   moments: Tuple[Any, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What makes an optimizer of the registry: its moment transformation (built from the section's
+  settings) and the order in which an update goes through the shared pieces: "decay" (coupled weight
+  decay, + wd w), "trust" (LARS's trust ratio), "moments", "lr" (x the group's rate); "decay" after
+  "moments" is decoupled weight decay."""
+
+  moment: Callable[[Any], optax.GradientTransformation]
+  order: Tuple[str, ...]
+
+
+def _momentum(opt) -> optax.GradientTransformation:
+  return optax.trace(decay=opt.momentum, nesterov=opt.nesterov) if opt.momentum else optax.identity()
+
+
+OPTIMIZERS: Registry[Rule] = Registry("optimizer")
+# You et al. 2017, as optax.lars and SimCLR's LARSOptimizer: the momentum accumulates the scaled update.
+OPTIMIZERS.register("lars")(Rule(lambda opt: optax.trace(decay=opt.momentum, nesterov=opt.nesterov),
+                                 ("decay", "trust", "lr", "moments")))
+# PyTorch's SGD: momentum over the decayed gradient, then the rate.
+OPTIMIZERS.register("sgd")(Rule(_momentum, ("decay", "moments", "lr")))
+# Loshchilov & Hutter 2019, PyTorch's AdamW: Adam moments, then decoupled decay, then the rate.
+OPTIMIZERS.register("adamw")(Rule(lambda opt: optax.scale_by_adam(b1=opt.b1, b2=opt.b2),
+                                  ("moments", "decay", "lr")))
+
+
 def build(opt, params: Any, learning_rate: Schedule, *, batch_size: Optional[int] = None,
           total_steps: Optional[int] = None, weight_decay: Union[None, float, Schedule] = None,
           where: str = "optimizer") -> optax.GradientTransformation:
@@ -234,12 +261,8 @@ def build(opt, params: Any, learning_rate: Schedule, *, batch_size: Optional[int
   # Constant zero decay is skipped altogether, as optax.add_decayed_weights does.
   decays = callable(wd) or wd != 0.0
 
-  if name == "adamw":
-    moment = optax.scale_by_adam(b1=opt.b1, b2=opt.b2)
-  elif name == "lars" or opt.momentum:
-    moment = optax.trace(decay=opt.momentum, nesterov=opt.nesterov)
-  else:
-    moment = optax.identity()
+  rule = OPTIMIZERS.get(name)
+  moment = rule.moment(opt)
   # One moment transformation per freeze partition, each seeing only its own parameters.
   partitions = [(until, optax.masked(moment, jax.tree.map(lambda s, until=until: s.frozen_until_step == until, leaves)))
                 for until in frozen_untils]
@@ -288,19 +311,16 @@ def build(opt, params: Any, learning_rate: Schedule, *, batch_size: Optional[int
         new.append(s)
       return u, tuple(new)
 
-    if name == "lars":
-      updates = jax.tree.map(add_decay, updates, params, leaves)
-      updates, _ = trust.update(updates, trust.init(params), params)
-      updates = jax.tree.map(scale_by_lr, updates, leaves)
-      updates, new_moments = moments(updates)
-    elif name == "sgd":
-      updates = jax.tree.map(add_decay, updates, params, leaves)
-      updates, new_moments = moments(updates)
-      updates = jax.tree.map(scale_by_lr, updates, leaves)
-    else:
-      updates, new_moments = moments(updates)
-      updates = jax.tree.map(add_decay, updates, params, leaves)
-      updates = jax.tree.map(scale_by_lr, updates, leaves)
+    new_moments = state.moments
+    for piece in rule.order:
+      if piece == "decay":
+        updates = jax.tree.map(add_decay, updates, params, leaves)
+      elif piece == "trust":
+        updates, _ = trust.update(updates, trust.init(params), params)
+      elif piece == "lr":
+        updates = jax.tree.map(scale_by_lr, updates, leaves)
+      else:
+        updates, new_moments = moments(updates)
     if any_frozen:
       updates = drop_frozen(updates)
     return updates, OptimizerState(count=optax.safe_increment(step), moments=new_moments)

@@ -175,7 +175,10 @@ def test_evaluate_bad_input(case, trained_workdir, tmp_path):
   elif case == "missing_step":
     args, message = ["--protocol=knn", "--checkpoint=7"], "no checkpoint at step 7"
   elif case == "corrupt":
-    workdir, message = _corrupt(trained_workdir), "cannot restore checkpoint step 2"
+    # Named explicitly (with "latest", evaluation falls back to the newest intact checkpoint, with a
+    # warning: test_train.py's resume test).
+    workdir, message = _corrupt(trained_workdir), "checkpoint step 2 in"
+    args = ["--protocol=knn", "--checkpoint=2"]
   elif case == "eval_batch":
     args, message = ["--protocol=finetune", "--config.eval.finetune.batch_size=12"], "is not divisible"
   else:

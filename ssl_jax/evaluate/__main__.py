@@ -16,7 +16,7 @@ from ssl_jax import distributed
 from ssl_jax.evaluate import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir holding config.json and checkpoints")
-_PROTOCOL = flags.DEFINE_string("protocol", "knn", f"one of {', '.join(workdir_lib.PROTOCOLS)}")
+_PROTOCOL = flags.DEFINE_string("protocol", "knn", f"one of {', '.join(workdir_lib.PROTOCOLS.names())}")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "'latest' or a step number")
 distributed.define_flags()
 

@@ -23,7 +23,7 @@ from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate import knn as knn_lib
 from ssl_jax.evaluate import linear as linear_lib
 from ssl_jax.evaluate import subsets, supervised
-from ssl_jax.evaluate.workdir import EvalError, check_protocol, load_config
+from ssl_jax.evaluate.workdir import EvalError, check_protocol, image_section, load_config
 
 
 class Encoder:
@@ -109,15 +109,24 @@ def find_checkpoint(workdir: str, cfg, checkpoint: str = "latest") -> int:
   return step
 
 
-def run_protocol(protocol: str, cfg, train_data, test_data) -> Dict[str, Any]:
-  num_classes = datasets.get(cfg.dataset).num_classes
-  (train_x, train_y), (test_x, test_y) = train_data, test_data
-  if protocol == "knn":
-    return knn_lib.knn_accuracy(train_x, train_y, test_x, test_y, tuple(cfg.eval.knn_k), num_classes,
-                                cfg.eval.knn_temperature)
+def _knn(cfg, num_classes, train_x, train_y, test_x, test_y):
+  return knn_lib.knn_accuracy(train_x, train_y, test_x, test_y, tuple(cfg.eval.knn_k), num_classes,
+                              cfg.eval.knn_temperature)
+
+
+def _fast_linear(cfg, num_classes, train_x, train_y, test_x, test_y):
   return linear_lib.linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=cfg.seed,
                                  steps=cfg.eval.linear_steps, val_fraction=cfg.eval.linear_val_fraction,
                                  max_fit_examples=cfg.eval.linear_select_examples)
+
+
+# The protocols on cached features, by name (workdir.PROTOCOLS names every protocol).
+FEATURE_PROTOCOLS = {"knn": _knn, "linear": _fast_linear}
+
+
+def run_protocol(protocol: str, cfg, train_data, test_data) -> Dict[str, Any]:
+  num_classes = datasets.get(cfg.dataset).num_classes
+  return FEATURE_PROTOCOLS[protocol](cfg, num_classes, *train_data, *test_data)
 
 
 def settings_digest(settings, seed: int) -> str:
@@ -125,13 +134,6 @@ def settings_digest(settings, seed: int) -> str:
   d = {k: v for k, v in settings.to_dict().items() if k not in ("log_every_steps", "checkpoint_every_steps")}
   d["seed"] = seed
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def supervised_protocol(protocol: str, cfg) -> Optional[str]:
-  """The eval.<name> settings an image-level protocol trains with, or None for the feature protocols."""
-  if protocol == "linear":
-    return "paper_linear" if cfg.eval.linear_mode == "paper" else None
-  return protocol if protocol in ("finetune", "semi") else None
 
 
 def headline(protocol: str, metrics: Dict[str, Any]) -> float:
@@ -155,7 +157,7 @@ def check_inputs(workdir: str, protocol: str, cfg) -> None:
     raise EvalError(f"dataset {cfg.dataset} has no labels; protocol {protocol} needs a labelled dataset")
   try:
     config_lib.validate_eval(cfg)
-    name = supervised_protocol(protocol, cfg)
+    name = image_section(protocol, cfg)
     if name:
       supervised.check_batch(cfg, cfg.eval[name], name, jax.device_count(), jax.process_count())
       for fraction in cfg.eval[name].label_fractions:
@@ -181,7 +183,7 @@ def evaluate(workdir: str, protocol: str, checkpoint: str = "latest", cfg=None, 
   info = encoder.info
   start = time.time()
   results = {}
-  name = supervised_protocol(protocol, cfg)
+  name = image_section(protocol, cfg)
   if name:
     # Image-level protocols: the SSL encoder, the same encoder at random initialization (for finetune and
     # semi, supervised training from scratch), and for the frozen probe a linear classifier on raw pixels.

@@ -4,14 +4,23 @@ TensorFlow and orbax so that `python -m ssl_jax.evaluate` rejects bad input in a
 from __future__ import annotations
 
 import json
+from typing import Any, Callable, Optional
 
 import ml_collections
 from etils import epath
 
 from ssl_jax import config as config_lib
 from ssl_jax.errors import UserError
+from ssl_jax.registry import Registry
 
-PROTOCOLS = ("knn", "linear", "finetune", "semi")
+# The evaluation protocols by name (--protocol): each names the eval.<section> its image-level run trains
+# with for a config, or None for the protocols on cached features (kNN, the fast linear probe), which
+# ssl_jax/evaluate/run.py's FEATURE_PROTOCOLS compute.
+PROTOCOLS: Registry[Callable[[Any], Optional[str]]] = Registry("protocol")
+PROTOCOLS.register("knn")(lambda cfg: None)
+PROTOCOLS.register("linear")(lambda cfg: "paper_linear" if cfg.eval.linear_mode == "paper" else None)
+PROTOCOLS.register("finetune")(lambda cfg: "finetune")
+PROTOCOLS.register("semi")(lambda cfg: "semi")
 
 
 class EvalError(UserError, ValueError):
@@ -20,7 +29,12 @@ class EvalError(UserError, ValueError):
 
 def check_protocol(protocol: str) -> None:
   if protocol not in PROTOCOLS:
-    raise EvalError(f"unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
+    raise EvalError(f"unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS.names())}")
+
+
+def image_section(protocol: str, cfg) -> Optional[str]:
+  """The eval.<section> an image-level protocol trains with, or None for the feature protocols."""
+  return PROTOCOLS.get(protocol)(cfg)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
