@@ -39,9 +39,7 @@ def get_config(arg=None):
     cfg.optimizer.update(base_learning_rate=0.03, weight_decay=1e-4, lr_drop_epochs=(120.0, 160.0))
     cfg.method.update(temperature=0.07, momentum=0.999, queue_size=65536, proj_hidden_dim=0, proj_dim=128)
     config_lib.add_view(cfg, "view", num=2, crop_size=224, **aug)
-    config_lib.imagenet_eval(cfg)
-    cfg.eval.paper_linear.update(epochs=(100.0,), batch_size=256, base_learning_rate=30.0, lr_scaling="none",
-                                 weight_decay=0.0, nesterov=False, schedule="steps", lr_drop_epochs=(60.0, 80.0))
+    config_lib.moco_linear_eval(cfg)
   else:
     cfg.dataset = "cifar10"
     cfg.batch_size = 256

@@ -40,11 +40,7 @@ def get_config(arg=None):
     cfg.optimizer.update(base_learning_rate=0.03, weight_decay=1e-4, schedule="cosine_per_epoch")
     cfg.method.update(temperature=0.2, momentum=0.999, queue_size=65536, proj_hidden_dim=2048, proj_dim=128)
     config_lib.add_view(cfg, "view", num=2, crop_size=224, blur_prob=0.5, **aug)
-    # MoCo's linear classification (main_lincls.py): SGD momentum 0.9 (not Nesterov), batch 256, lr 30,
-    # no weight decay, 100 epochs with the lr divided by 10 at epochs 60 and 80.
-    config_lib.imagenet_eval(cfg)
-    cfg.eval.paper_linear.update(epochs=(100.0,), batch_size=256, base_learning_rate=30.0, lr_scaling="none",
-                                 weight_decay=0.0, nesterov=False, schedule="steps", lr_drop_epochs=(60.0, 80.0))
+    config_lib.moco_linear_eval(cfg)
   else:
     cfg.dataset = "cifar10"
     cfg.batch_size = 256

@@ -220,6 +220,14 @@ def imagenet_eval(cfg) -> None:
   cfg.eval.linear_mode = "paper"
 
 
+def moco_linear_eval(cfg) -> None:
+  """MoCo's linear classification (main_lincls.py, MoCo v1 and v2): SGD momentum 0.9 (not Nesterov),
+  batch 256, lr 30, no weight decay, 100 epochs with the lr divided by 10 at epochs 60 and 80."""
+  imagenet_eval(cfg)
+  cfg.eval.paper_linear.update(epochs=(100.0,), batch_size=256, base_learning_rate=30.0, lr_scaling="none",
+                               weight_decay=0.0, nesterov=False, schedule="steps", lr_drop_epochs=(60.0, 80.0))
+
+
 def cifar10_eval(cfg) -> None:
   """CIFAR-10 image-level protocols: the linear head of the official SimCLR README's CIFAR-10 example
   (Nesterov SGD, batch 512, lr 0.1 x B/256, no weight decay, 100 epochs), the same batch for fine-tuning."""

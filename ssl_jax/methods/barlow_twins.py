@@ -46,11 +46,8 @@ class BarlowTwins(base.Method):
     if m.lambd < 0 or m.official_gradient_gpus < 0:
       raise ConfigError(f"method.lambd and method.official_gradient_gpus must be >= 0, got {m.lambd}, "
                         f"{m.official_gradient_gpus}")
-    if m.proj_layers < 1 or min(m.proj_hidden_dim, m.proj_dim) <= 0:
-      raise ConfigError(f"method.proj_layers must be >= 1 and the head sizes > 0, got {m.proj_layers}, "
-                        f"{m.proj_hidden_dim}, {m.proj_dim}")
-    if len(base.view_crop_sizes(cfg)) != 2:
-      raise ConfigError(f"barlow_twins takes 2 views, the config defines {len(base.view_crop_sizes(cfg))}")
+    base.check_heads(cfg, "proj_hidden_dim", "proj_dim")
+    base.check_num_views(cfg, 2)
 
   @classmethod
   def apply_tiny(cls, cfg):
@@ -63,10 +60,6 @@ class BarlowTwins(base.Method):
     projector = base.build_head(config, [m.proj_hidden_dim] * (m.proj_layers - 1), m.proj_dim, use_bn=True,
                                 output_bn=False, output_bias=False)
     self.network = base.Network(encoder=self.encoder, projector=projector)
-
-  def init(self, rng, batch):
-    params, batch_stats = base.init_network(self.network, rng, batch["views"][0])
-    return params, batch_stats, {}
 
   def loss(self, params, batch_stats, method_state, batch, rng, step):
     x1, x2 = batch["views"]

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import models
+from ssl_jax.errors import ConfigError
 from ssl_jax.parallel import DATA
 
 Batch = Mapping[str, Any]  # {"views": tuple of [n, h, w, 3] float arrays, "label": [n] int, "index": [n] int}
@@ -106,6 +107,23 @@ def view_crop_sizes(cfg) -> list:
   """The crop size of every view (`num` copies of each), in order: for methods' checks of their views
   before anything is built."""
   return [v.crop_size for v in ordered_views(cfg) for _ in range(v.num)]
+
+
+def check_heads(cfg, *size_keys: str) -> None:
+  """One-line ConfigError unless method.proj_layers (where the method has it) is >= 1 and every
+  method.<size_key> > 0."""
+  m = cfg.method
+  sizes = [m[k] for k in size_keys]
+  if m.get("proj_layers", 1) < 1 or min(sizes) <= 0:
+    raise ConfigError(f"method.proj_layers must be >= 1 and the head sizes > 0, got proj_layers="
+                      f"{m.get('proj_layers', 1)}, " + ", ".join(f"{k}={v}" for k, v in zip(size_keys, sizes)))
+
+
+def check_num_views(cfg, count: int) -> None:
+  """One-line ConfigError unless the config defines exactly `count` views."""
+  n = len(view_crop_sizes(cfg))
+  if n != count:
+    raise ConfigError(f"{cfg.method.name} takes {count} views, the config defines {n}")
 
 
 def dtype_of(config):
@@ -200,7 +218,9 @@ class Method:
     return params
 
   def init(self, rng, batch: Batch):
-    raise NotImplementedError
+    """(params, batch_stats, method_state); by default those of `self.network` and no method state."""
+    params, batch_stats = init_network(self.network, rng, batch["views"][0])
+    return params, batch_stats, {}
 
   def loss(self, params, batch_stats, method_state, batch: Batch, rng, step):
     """Per device, inside shard_map. Returns (scalar loss, LossOutput)."""

@@ -52,10 +52,6 @@ class SimCLR(base.Method):
         projector=base.build_head(config, [m.proj_hidden_dim] * (m.proj_layers - 1), m.proj_dim,
                                   use_bn=True, output_bn=True))
 
-  def init(self, rng, batch):
-    params, batch_stats = base.init_network(self.network, rng, batch["views"][0])
-    return params, batch_stats, {}
-
   def loss(self, params, batch_stats, method_state, batch, rng, step):
     x1, x2 = batch["views"]
     n = x1.shape[0]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ml_collections
 
 from ssl_jax import losses
-from ssl_jax.errors import ConfigError
 from ssl_jax.methods import base
 
 
@@ -34,12 +33,8 @@ class SimSiam(base.Method):
 
   @classmethod
   def check_config(cls, cfg):
-    m = cfg.method
-    if m.proj_layers < 1 or min(m.proj_hidden_dim, m.proj_dim, m.pred_hidden_dim) <= 0:
-      raise ConfigError("method.proj_layers must be >= 1 and the head sizes > 0, got "
-                        f"{m.proj_layers}, {m.proj_hidden_dim}, {m.proj_dim}, {m.pred_hidden_dim}")
-    if len(base.view_crop_sizes(cfg)) != 2:
-      raise ConfigError(f"simsiam takes 2 views, the config defines {len(base.view_crop_sizes(cfg))}")
+    base.check_heads(cfg, "proj_hidden_dim", "proj_dim", "pred_hidden_dim")
+    base.check_num_views(cfg, 2)
 
   @classmethod
   def apply_tiny(cls, cfg):
@@ -57,10 +52,6 @@ class SimSiam(base.Method):
     predictor = base.build_head(config, [m.pred_hidden_dim], m.proj_dim, use_bn=True, output_bn=False,
                                 output_bias=True)
     self.network = base.Network(encoder=self.encoder, projector=projector, predictor=predictor)
-
-  def init(self, rng, batch):
-    params, batch_stats = base.init_network(self.network, rng, batch["views"][0])
-    return params, batch_stats, {}
 
   def loss(self, params, batch_stats, method_state, batch, rng, step):
     x1, x2 = batch["views"]

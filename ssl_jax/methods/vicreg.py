@@ -40,13 +40,10 @@ class VICReg(base.Method):
     if min(m.sim_coeff, m.std_coeff, m.cov_coeff) < 0:
       raise ConfigError(f"method.sim_coeff, std_coeff and cov_coeff must be >= 0, got {m.sim_coeff}, "
                         f"{m.std_coeff}, {m.cov_coeff}")
-    if m.proj_layers < 1 or min(m.proj_hidden_dim, m.proj_dim) <= 0:
-      raise ConfigError(f"method.proj_layers must be >= 1 and the head sizes > 0, got {m.proj_layers}, "
-                        f"{m.proj_hidden_dim}, {m.proj_dim}")
+    base.check_heads(cfg, "proj_hidden_dim", "proj_dim")
     if cfg.batch_size < 2:
       raise ConfigError("vicreg needs batch_size >= 2 (its variance and covariance are over the batch)")
-    if len(base.view_crop_sizes(cfg)) != 2:
-      raise ConfigError(f"vicreg takes 2 views, the config defines {len(base.view_crop_sizes(cfg))}")
+    base.check_num_views(cfg, 2)
 
   @classmethod
   def apply_tiny(cls, cfg):
@@ -59,10 +56,6 @@ class VICReg(base.Method):
     projector = base.build_head(config, [m.proj_hidden_dim] * (m.proj_layers - 1), m.proj_dim, use_bn=True,
                                 output_bn=False, output_bias=False, hidden_bias=True)
     self.network = base.Network(encoder=self.encoder, projector=projector)
-
-  def init(self, rng, batch):
-    params, batch_stats = base.init_network(self.network, rng, batch["views"][0])
-    return params, batch_stats, {}
 
   def loss(self, params, batch_stats, method_state, batch, rng, step):
     x1, x2 = batch["views"]
