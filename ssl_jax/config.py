@@ -46,12 +46,12 @@ def base_config(method: str, model: str = "resnet") -> ml_collections.ConfigDict
   cfg.model = models.default_config(model)
 
   # The pre-training optimizer: optim.build reads the optimizer_settings keys (see there), train.py the
-  # learning-rate schedule's: base_learning_rate and end_learning_rate (both scaled by lr_scaling with the
-  # batch), linear warm-up over warmup_epochs, then `schedule`: "cosine" (per step), "cosine_per_epoch"
+  # learning-rate schedule's: base_learning_rate, end_learning_rate and warmup_start_learning_rate (each
+  # scaled by lr_scaling with the batch), linear warm-up over warmup_epochs, then `schedule`: "cosine" (per step), "cosine_per_epoch"
   # (the rate of each epoch's start, SimSiam's), or "steps" (x0.1 at each of lr_drop_epochs, MoCo v1's).
   cfg.optimizer = ml_collections.ConfigDict(dict(
       name="lars", base_learning_rate=0.3, lr_scaling="linear", warmup_epochs=10.0, end_learning_rate=0.0,
-      schedule="cosine", lr_drop_epochs=(),
+      warmup_start_learning_rate=0.0, schedule="cosine", lr_drop_epochs=(),
       **optimizer_settings(weight_decay=1e-6, momentum=0.9, nesterov=False)))
 
   # Evaluation protocols (ssl_jax.evaluate); kNN as in InstDisc / DINO. `linear_mode`: "fast" fits the
@@ -83,7 +83,8 @@ def base_config(method: str, model: str = "resnet") -> ml_collections.ConfigDict
 
 
 # The settings one parameter group may set (optimizer.groups; optim.build applies them).
-GROUP_SETTINGS = ("lr_mult", "fixed_lr", "wd_mult", "frozen", "frozen_until_step", "required")
+GROUP_SETTINGS = ("lr_mult", "fixed_lr", "wd_mult", "frozen", "frozen_until_step", "frozen_until_epoch",
+                  "required")
 
 # A group's frozen=True, as frozen_until_step: a step the int32 step counter never reaches.
 FROZEN_FOREVER = 2**31 - 1
@@ -108,7 +109,7 @@ def optimizer_settings(**settings) -> Dict[str, Any]:
     defaults. Settings (GROUP_SETTINGS): lr_mult (x the learning-rate schedule) or fixed_lr (a constant
     base rate, scaled by the batch like base_learning_rate: SimSiam's --fix-pred-lr), wd_mult (x weight
     decay; 0 excludes), frozen (never updated) or frozen_until_step=N (not updated while step < N: SwAV's
-    prototypes, DINO's last layer), required (default True: a group that takes no parameter is an
+    prototypes, DINO's last layer) or frozen_until_epoch=E (the same, counted in epochs of the data), required (default True: a group that takes no parameter is an
     error). A frozen parameter is skipped as PyTorch skips a parameter whose grad is None: no update, no
     weight decay, no momentum or Adam moment advanced.
   """
@@ -150,8 +151,11 @@ def optimizer_groups(groups, where: str = "optimizer") -> List[Tuple[str, "re.Pa
       fail(i, f"regex {pattern!r} does not compile ({e})")
     if "lr_mult" in given and "fixed_lr" in given:
       fail(i, "set lr_mult or fixed_lr, not both (fixed_lr replaces the schedule)")
-    if "frozen" in given and "frozen_until_step" in given:
-      fail(i, "set frozen (for the whole run) or frozen_until_step, not both")
+    if len({"frozen", "frozen_until_step", "frozen_until_epoch"} & set(given)) > 1:
+      fail(i, "set one of frozen (for the whole run), frozen_until_step and frozen_until_epoch")
+    epochs = given.get("frozen_until_epoch")
+    if epochs is not None and not (_is_number(epochs) and epochs >= 0):
+      fail(i, f"frozen_until_epoch must be a number >= 0, got {epochs!r}")
     for key in ("lr_mult", "fixed_lr"):
       if key in given and not (_is_number(given[key]) and given[key] > 0):
         fail(i, f"{key} must be a number > 0 (freeze a group with frozen), got {given[key]!r}")
@@ -167,6 +171,7 @@ def optimizer_groups(groups, where: str = "optimizer") -> List[Tuple[str, "re.Pa
     settings = dict(lr_mult=float(given.get("lr_mult", 1.0)), fixed_lr=None if fixed is None else float(fixed),
                     wd_mult=float(given.get("wd_mult", 1.0)),
                     frozen_until_step=FROZEN_FOREVER if given.get("frozen") else until,
+                    frozen_until_epoch=None if epochs is None else float(epochs),
                     required=given.get("required", True))
     out.append((pattern, compiled, settings))
   return out
@@ -322,8 +327,9 @@ def validate(cfg, num_devices: int, num_processes: int = 1, platform: str = "") 
     fail(f"optimizer.lr_scaling must be linear, sqrt or none, got {cfg.optimizer.lr_scaling!r}")
   if cfg.optimizer.schedule not in SCHEDULES:
     fail(f"optimizer.schedule must be {', '.join(SCHEDULES)}, got {cfg.optimizer.schedule!r}")
-  if cfg.optimizer.end_learning_rate < 0 or cfg.optimizer.warmup_epochs < 0:
-    fail("optimizer.end_learning_rate and optimizer.warmup_epochs must be >= 0")
+  if min(cfg.optimizer.end_learning_rate, cfg.optimizer.warmup_start_learning_rate,
+         cfg.optimizer.warmup_epochs) < 0:
+    fail("optimizer.end_learning_rate, warmup_start_learning_rate and warmup_epochs must be >= 0")
   if cfg.total_steps < 0 or (cfg.total_steps == 0 and cfg.num_epochs <= 0):
     fail("set total_steps > 0 or num_epochs > 0")
   if cfg.skip_nonfinite_steps < 0:

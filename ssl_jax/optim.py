@@ -43,13 +43,15 @@ def scaled_learning_rate(base: float, scaling: str, batch: int) -> float:
   raise ValueError(f"lr_scaling must be linear, sqrt or none, got {scaling!r}")
 
 
-def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end_value: float = 0.0) -> Callable:
-  """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to `end_value` at `total_steps`
-  (SGDR without restarts, Loshchilov & Hutter 2017), the schedule of SimCLR, BYOL and MoCo v2."""
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end_value: float = 0.0,
+                  start_value: float = 0.0) -> Callable:
+  """Linear warm-up from `start_value` (0; SwAV's 800-epoch recipe starts at 0.3, main_swav.py l.178-182)
+  to `peak` over `warmup_steps`, then cosine decay to `end_value` at `total_steps` (SGDR without restarts,
+  Loshchilov & Hutter 2017), the schedule of SimCLR, BYOL and MoCo v2."""
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    warm = peak * step / max(warmup_steps, 1)
+    warm = start_value + (peak - start_value) * step / max(warmup_steps, 1)
     progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
     cosine = end_value + (peak - end_value) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
     return jnp.where(step < warmup_steps, warm, cosine)
@@ -68,7 +70,8 @@ def step_decay(peak: float, drop_steps, factor: float = 0.1) -> Callable:
   return schedule
 
 
-def learning_rate(opt, peak: float, total_steps: int, steps_per_epoch: float, end_value: float = 0.0) -> Schedule:
+def learning_rate(opt, peak: float, total_steps: int, steps_per_epoch: float, end_value: float = 0.0,
+                  start_value: float = 0.0) -> Schedule:
   """The learning-rate schedule an optimizer section names (opt.schedule, for pre-training and the
   evaluation protocols alike), as a function of the step:
     "cosine": linear warm-up over opt.warmup_epochs, then cosine to end_value, evaluated every step (most
@@ -79,7 +82,8 @@ def learning_rate(opt, peak: float, total_steps: int, steps_per_epoch: float, en
       classification)."""
   if opt.schedule == "steps":
     return step_decay(peak, [int(round(e * steps_per_epoch)) for e in opt.lr_drop_epochs])
-  curve = warmup_cosine(peak, int(round(opt.warmup_epochs * steps_per_epoch)), total_steps, end_value)
+  curve = warmup_cosine(peak, int(round(opt.warmup_epochs * steps_per_epoch)), total_steps, end_value,
+                        start_value)
   if opt.schedule == "cosine_per_epoch":
     return lambda step: curve(jnp.floor(jnp.asarray(step, jnp.float32) / steps_per_epoch) * steps_per_epoch)
   return curve
@@ -154,13 +158,15 @@ def _path_name(keypath) -> str:
   return "/".join(parts)
 
 
-def param_settings(opt, params: Any, batch_size: Optional[int] = None, where: str = "optimizer") -> Any:
+def param_settings(opt, params: Any, batch_size: Optional[int] = None, where: str = "optimizer",
+                   steps_per_epoch: Optional[float] = None) -> Any:
   """A ParamSettings per parameter (a pytree of the structure of `params`) from the section `opt`.
 
   Weight decay and the LARS trust ratio skip the parameters with at most one dimension when
   opt.exclude_bias_and_norm (SimCLR, BYOL, Barlow Twins main.py l.90-97, DINO utils.py l.632-643), and
   those with a path component in opt.no_decay_names; a group's wd_mult multiplies the decay of the others.
   batch_size: the batch a group's fixed_lr is scaled by (opt.lr_scaling), needed when one sets it.
+  steps_per_epoch: converts a group's frozen_until_epoch to steps, needed when one sets it.
   Raises ConfigError (one line) for bad groups, and for a required group that takes no parameter."""
   groups = config_lib.optimizer_groups(opt.groups, where)
   no_decay = set(opt.no_decay_names)
@@ -170,7 +176,14 @@ def param_settings(opt, params: Any, batch_size: Optional[int] = None, where: st
     path = _path_name(keypath)
     decayed = not (opt.exclude_bias_and_norm and jnp.ndim(p) <= 1) and not no_decay & set(path.split("/"))
     group = next((i for i, (_, regex, _) in enumerate(groups) if regex.fullmatch(path)), -1)
-    g = groups[group][2] if group >= 0 else dict(lr_mult=1.0, fixed_lr=None, wd_mult=1.0, frozen_until_step=0)
+    g = groups[group][2] if group >= 0 else dict(lr_mult=1.0, fixed_lr=None, wd_mult=1.0, frozen_until_step=0,
+                                                  frozen_until_epoch=None)
+    frozen_until = g["frozen_until_step"]
+    if g["frozen_until_epoch"] is not None:
+      if steps_per_epoch is None:
+        raise config_lib.ConfigError(f"{where}.groups[{group}] sets frozen_until_epoch: pass steps_per_epoch "
+                                     "to optim.build")
+      frozen_until = int(round(g["frozen_until_epoch"] * steps_per_epoch))
     if group >= 0:
       taken[group] += 1
     fixed = g["fixed_lr"]
@@ -181,7 +194,7 @@ def param_settings(opt, params: Any, batch_size: Optional[int] = None, where: st
       fixed = scaled_learning_rate(fixed, opt.lr_scaling, batch_size)
     return ParamSettings(path=path, group=group, lr_mult=g["lr_mult"], fixed_lr=fixed,
                          wd_mult=g["wd_mult"] if decayed else 0.0, trust_ratio=decayed,
-                         frozen_until_step=g["frozen_until_step"])
+                         frozen_until_step=frozen_until)
 
   out = jax.tree_util.tree_map_with_path(settings, params)
   for i, (pattern, _, g) in enumerate(groups):
@@ -232,7 +245,7 @@ OPTIMIZERS.register("adamw")(Rule(lambda opt: optax.scale_by_adam(b1=opt.b1, b2=
 
 def build(opt, params: Any, learning_rate: Schedule, *, batch_size: Optional[int] = None,
           total_steps: Optional[int] = None, weight_decay: Union[None, float, Schedule] = None,
-          where: str = "optimizer") -> optax.GradientTransformation:
+          where: str = "optimizer", steps_per_epoch: Optional[float] = None) -> optax.GradientTransformation:
   """The optimizer of the section `opt` (cfg.optimizer, or an evaluation protocol cfg.eval.<name>) for
   `params` (their structure and shapes choose the groups and masks; values are not read).
 
@@ -254,7 +267,7 @@ def build(opt, params: Any, learning_rate: Schedule, *, batch_size: Optional[int
   updates are bit-identical to optax.lars / sgd (+ add_decayed_weights) / adamw with the same masks."""
   config_lib.check_optimizer(opt, where)
   name = opt[config_lib.optimizer_name_key(opt)]
-  leaves = param_settings(opt, params, batch_size, where)
+  leaves = param_settings(opt, params, batch_size, where, steps_per_epoch)
   wd = weight_decay_schedule(opt, total_steps) if weight_decay is None else weight_decay
   frozen_untils = sorted({s.frozen_until_step for s in jax.tree.leaves(leaves)})
   any_frozen = frozen_untils != [0]
@@ -328,8 +341,10 @@ def build(opt, params: Any, learning_rate: Schedule, *, batch_size: Optional[int
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def create_optimizer(config, schedule: Callable, params: Any) -> optax.GradientTransformation:
+def create_optimizer(config, schedule: Callable, params: Any,
+                     steps_per_epoch: Optional[float] = None) -> optax.GradientTransformation:
   """The pre-training optimizer: build(config.optimizer, ...) with the run's batch and total_steps
-  (config resolved, see config.resolve, when the weight decay follows a cosine)."""
+  (config resolved, see config.resolve, when the weight decay follows a cosine) and the data's steps per
+  epoch (for groups frozen for a number of epochs)."""
   return build(config.optimizer, params, schedule, batch_size=config.batch_size,
-               total_steps=config.total_steps)
+               total_steps=config.total_steps, steps_per_epoch=steps_per_epoch)

@@ -64,7 +64,8 @@ def create_train_state(config, method, schedule: Callable, num_classes: int):
     # The probe reads the representation of the first view; its size comes from an abstract forward.
     feat = jax.eval_shape(method.represent, params, batch_stats, batch["views"][0]).shape[-1]
     params["online_probe"] = probe_head(num_classes).init(rng_probe, jnp.zeros((1, feat)))["params"]
-  tx = optim.create_optimizer(config, schedule, params)
+  tx = optim.create_optimizer(config, schedule, params,
+                              method.data.steps_per_epoch if method.data is not None else None)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                      method_state=method_state, opt_state=tx.init(params),
                      rng=jax.random.key_data(rng_train))
@@ -171,9 +172,10 @@ def build(config, mesh, num_train_examples: int, num_classes: int):
   config = config_lib.resolve(config, num_train_examples)
   method = methods.get(config, methods.DataFacts(num_train_examples, config.batch_size))
   opt = config.optimizer
-  end = optim.scaled_learning_rate(opt.end_learning_rate, opt.lr_scaling, config.batch_size)
+  end, start = (optim.scaled_learning_rate(rate, opt.lr_scaling, config.batch_size)
+                for rate in (opt.end_learning_rate, opt.warmup_start_learning_rate))
   schedule = optim.learning_rate(opt, optim.peak_learning_rate(config), config.total_steps,
-                                 num_train_examples / config.batch_size, end)
+                                 num_train_examples / config.batch_size, end, start)
   state, tx = create_train_state(config, method, schedule, num_classes)
   state = parallel.replicate(mesh, state)
   step = make_train_step(config, method, tx, schedule, mesh, num_classes)

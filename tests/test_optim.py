@@ -216,7 +216,9 @@ def test_groups_survive_a_config_json_round_trip():
      r"optimizer\.groups\[0\]: unknown group setting\(s\) \['lr_multiplier'\]"),
     ((("head/(.*", dict(lr_mult=2.0)),), r"optimizer\.groups\[0\]: regex 'head/\(\.\*' does not compile"),
     ((("head/.*", dict(lr_mult=2.0, fixed_lr=0.1)),), r"set lr_mult or fixed_lr, not both"),
-    ((("head/.*", dict(frozen=True, frozen_until_step=3)),), r"set frozen .* or frozen_until_step, not both"),
+    ((("head/.*", dict(frozen=True, frozen_until_step=3)),), r"set one of frozen .*, frozen_until_step and"),
+    ((("head/.*", dict(frozen_until_step=3, frozen_until_epoch=1.0)),), r"set one of frozen"),
+    ((("head/.*", dict(frozen_until_epoch=-1.0)),), r"frozen_until_epoch must be a number >= 0"),
     ((("head/.*", dict(frozen_until_step=1.5)),), r"frozen_until_step must be an integer"),
     ((("head/.*", dict(wd_mult=-1.0)),), r"wd_mult must be a number >= 0"),
     (("head/.*",), r"must be a \(regex, settings dict\) pair"),
@@ -234,6 +236,16 @@ def test_bad_groups_fail_validation_in_one_line(groups, message):
   cfg.eval.semi.groups = groups
   with pytest.raises(config_lib.ConfigError, match=message.replace(r"optimizer\.", r"eval\.semi\.")):
     config_lib.validate_eval(cfg)
+
+
+def test_frozen_until_epoch_counts_the_data_s_steps():
+  """SwAV's CIFAR recipe freezes its prototypes for 2 epochs: the step depends on the data and the batch."""
+  cfg = config_lib.load(f"{REPO}/configs/simclr.py:cifar10,tiny")
+  cfg.optimizer.groups = (("head/last_layer/.*", dict(frozen_until_epoch=2.0)),)
+  settings = jax.tree.leaves(optim.param_settings(cfg.optimizer, params_tree(), steps_per_epoch=50_000 / 256))
+  assert [s.frozen_until_step for s in settings] == [0, 0, round(2 * 50_000 / 256)]
+  with pytest.raises(config_lib.ConfigError, match="frozen_until_epoch: pass steps_per_epoch"):
+    optim.param_settings(cfg.optimizer, params_tree())
 
 
 def test_group_taking_no_parameter_fails_in_the_builder():
@@ -259,3 +271,19 @@ def test_clip_and_weight_decay_settings_are_checked():
     c.optimizer.update(**settings)
     with pytest.raises(config_lib.ConfigError, match=message):
       config_lib.validate(c, num_devices=1)
+
+
+def test_learning_rate_schedules_of_the_recipes():
+  """Warm-up from a start rate (SwAV's 0.3), the per-epoch cosine (SimSiam, MoCo: the rate of the epoch's
+  start) and the step schedule (MoCo v1: x0.1 at epochs 120 and 160), each at a few steps."""
+  curve = optim.warmup_cosine(1.0, 10, 110, end_value=0.0, start_value=0.3)
+  np.testing.assert_allclose([curve(0), curve(5), curve(10), curve(60), curve(110)], [0.3, 0.65, 1.0, 0.5, 0.0],
+                             atol=1e-6)
+  cfg = config_lib.load(f"{REPO}/configs/simsiam.py:imagenet").optimizer
+  per_epoch = optim.learning_rate(cfg, 0.1, total_steps=1000, steps_per_epoch=10.0)
+  np.testing.assert_allclose([per_epoch(s) for s in (0, 9, 10, 19, 500, 509)],
+                             [0.1, 0.1] + [0.05 * (1 + np.cos(np.pi * 0.01))] * 2 + [0.05] * 2, rtol=1e-6)
+  steps = optim.learning_rate(config_lib.load(f"{REPO}/configs/moco_v1.py:imagenet").optimizer, 0.03,
+                              total_steps=2000, steps_per_epoch=10.0)
+  np.testing.assert_allclose([steps(s) for s in (0, 1199, 1200, 1599, 1600)],
+                             [0.03, 0.03, 0.003, 0.003, 0.0003], rtol=1e-5)

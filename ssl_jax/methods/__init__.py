@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ssl_jax.methods import barlow_twins, byol, moco, simclr, simsiam, vicreg
+from ssl_jax.methods import barlow_twins, byol, moco, simclr, simsiam, swav, vicreg
 from ssl_jax.methods.base import DataFacts, Method
 from ssl_jax.errors import ConfigError
 from ssl_jax.registry import Registry
@@ -17,6 +17,7 @@ METHODS.register("moco_v2")(moco.MoCo)  # the name of workdirs written before v1
 METHODS.register("simsiam")(simsiam.SimSiam)
 METHODS.register("barlow_twins")(barlow_twins.BarlowTwins)
 METHODS.register("vicreg")(vicreg.VICReg)
+METHODS.register("swav")(swav.SwAV)
 
 
 def get(config, data: Optional[DataFacts] = None) -> Method:
