@@ -3,7 +3,6 @@ settings stop in one line, views keep their order through config.json, the onlin
 unlabelled examples, and the registries name what they know."""
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
