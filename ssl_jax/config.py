@@ -211,6 +211,7 @@ def supervised_protocol(**settings) -> ml_collections.ConfigDict:
   out = dict(train_encoder=False, label_fractions=(1.0,), epochs=(90.0,), total_steps=0, batch_size=4096,
              optimizer="sgd", base_learning_rate=0.1, lr_scaling="linear", warmup_epochs=0.0,
              schedule="cosine", lr_drop_epochs=(), crop_scale=(0.08, 1.0), log_every_steps=50,
+             representation="",  # a ViT's representation for this protocol ("": model.representation)
              checkpoint_every_steps=1000, **optimizer_settings(weight_decay=0.0, momentum=0.9, nesterov=True))
   unknown = set(settings) - set(out)
   if unknown:
@@ -368,6 +369,11 @@ def validate_eval(cfg) -> None:
     if p.schedule not in ("cosine", "steps"):
       raise ConfigError(f"eval.{name}: schedule must be cosine or steps, got {p.schedule!r}")
     check_optimizer(p, f"eval.{name}")
+    if p.representation:
+      if "representation" not in cfg.model:
+        raise ConfigError(f"eval.{name}.representation is a ViT setting; model.name={cfg.model.name!r} has "
+                          "one representation: leave it empty")
+      models.check(ml_collections.ConfigDict(dict(cfg.model.to_dict(), representation=p.representation)))
 
 
 def resolve(cfg, num_train_examples: int) -> ml_collections.ConfigDict:

@@ -284,3 +284,197 @@ def swav_loss(crop_scores, queue_scores=None, crops_for_assign=(0, 1), temperatu
     cross_entropies = [-jnp.mean(jnp.sum(codes * log_probs[v], axis=-1)) for v in range(num_crops) if v != a]
     loss = loss + sum(cross_entropies) / (num_crops - 1)
   return loss / len(crops_for_assign)
+
+
+def moco_v3_contrastive(q, k_all, offset, temperature):
+  """MoCo v3's contrastive term for this device's queries (Chen, Xie & He 2021; official moco-v3
+  moco/builder.py l.63-73, `ctr_loss` and the labels in `forward`, commit c349e6e, RECIPES.md section 4):
+
+      logits = normalize(q) . normalize(k_all)^T / T                         [n, N]
+      L      = 2T * mean_i [ -log softmax(logits_i)[offset + i] ]
+
+  Query i's positive is the key of the same image, at global index offset + i of the gathered keys
+  (labels = arange(n) + n * rank in the official code); the other N - 1 keys of the global batch are its
+  negatives. No queue.
+
+  The factor 2T is the official code's (`criterion(logits, labels) * (2 * self.T)`) and is kept: it
+  multiplies the gradient by 2T (0.4 at the ViT recipe's T = 0.2, 2 at the ResNet recipe's T = 1.0), which
+  under SGD is a change of the effective learning rate and under LARS a change of the balance between the
+  gradient and the weight decay inside the trust ratio, so the published learning rates assume it.
+
+  Args:
+    q: [n, d] this device's queries (predictor outputs; gradient flows).
+    k_all: [N, d] the momentum encoder's keys of the other view, gathered from every device in device order
+      (`parallel.all_gather`; on one device the local keys). Keys get no gradient in MoCo v3 (computed
+      under no_grad and gathered by a non-differentiable all_gather); this function stops their gradient
+      itself, so none flows back through the gather whatever the caller does.
+    offset: global index of this device's first example (device index * n; 0 on one device).
+    temperature: T > 0.
+  Returns: the scalar loss over this device's n queries; the trainer's mean over devices (equal n) is the
+  loss of the global batch.
+  """
+  q = l2_normalize(q.astype(jnp.float32))
+  k_all = jax.lax.stop_gradient(l2_normalize(k_all.astype(jnp.float32)))
+  logits = q @ k_all.T / temperature
+  labels = offset + jnp.arange(q.shape[0])
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1)) * (2 * temperature)
+
+
+def moco_v3_loss(q1, q2, k1_all, k2_all, offset, temperature):
+  """MoCo v3's symmetrized loss (moco/builder.py l.96, `ctr_loss(q1, k2) + ctr_loss(q2, k1)`): each view's
+  queries retrieve the other view's keys.
+
+  Args:
+    q1, q2: [n, d] this device's queries of views 1 and 2 (base encoder + predictor).
+    k1_all, k2_all: [N, d] the momentum encoder's keys of views 1 and 2, gathered over devices (constant).
+    offset, temperature: as in `moco_v3_contrastive`.
+  Returns: the scalar sum of the two terms, each the 2T-scaled mean over this device's queries.
+  """
+  return (moco_v3_contrastive(q1, k2_all, offset, temperature)
+          + moco_v3_contrastive(q2, k1_all, offset, temperature))
+
+
+def dino_teacher_temperature(epoch, warmup_temp, final_temp, warmup_epochs):
+  """DINO's teacher temperature schedule (official main_dino.py DINOLoss.__init__, l.363-416 at 7c446df):
+      concatenate(linspace(warmup_temp, final_temp, warmup_epochs), [final_temp] * (epochs - warmup_epochs))
+
+  indexed by the integer epoch: it changes once per epoch, not per iteration (RECIPES.md section 8). numpy's
+  linspace includes both ends, so for epoch < warmup_epochs
+
+      tau(epoch) = warmup_temp + (final_temp - warmup_temp) * epoch / (warmup_epochs - 1)
+
+  (warmup_epochs == 1: warmup_temp at epoch 0), and final_temp from epoch warmup_epochs on (at once with
+  warmup_epochs == 0, the code's default). The released ViT-S/16 runs use 0.04 -> 0.07 over 30 epochs.
+
+  Args:
+    epoch: integer epoch (may be traced).
+    warmup_temp, final_temp: the temperatures at epoch 0 and from the end of the warmup on.
+    warmup_epochs: number of warmup epochs (>= 0).
+  Returns: a float32 scalar.
+  """
+  epoch = jnp.asarray(epoch, jnp.float32)
+  warmup_epochs = jnp.asarray(warmup_epochs, jnp.float32)
+  fraction = epoch / jnp.maximum(warmup_epochs - 1.0, 1.0)
+  warming = warmup_temp + (final_temp - warmup_temp) * fraction
+  return jnp.where(epoch < warmup_epochs, warming, jnp.asarray(final_temp, jnp.float32))
+
+
+def _dino_distributions(student_logits, teacher_logits, center, student_temperature, teacher_temperature):
+  """Student log-probabilities per crop, and the centred, sharpened teacher's probabilities and
+  log-probabilities per global crop (no gradient), all float32."""
+  student_log_probs = [jax.nn.log_softmax(s.astype(jnp.float32) / student_temperature, axis=-1)
+                       for s in student_logits]
+  center = jax.lax.stop_gradient(jnp.asarray(center, jnp.float32))
+  teacher_log_probs = [
+      jax.lax.stop_gradient(
+          jax.nn.log_softmax((t.astype(jnp.float32) - center) / teacher_temperature, axis=-1))
+      for t in teacher_logits]
+  return student_log_probs, [jnp.exp(lp) for lp in teacher_log_probs], teacher_log_probs
+
+
+def _dino_pairs(num_teacher, num_student):
+  """(teacher crop, student crop) pairs of the loss: every student crop except the teacher's own view
+  (the teacher's global crops are the first student crops)."""
+  return [(iq, v) for iq in range(num_teacher) for v in range(num_student) if v != iq]
+
+
+def dino_loss(student_logits, teacher_logits, center, student_temperature, teacher_temperature):
+  """DINO's self-distillation loss (Caron et al. 2021, eq. 1-2 and Algorithm 1; official main_dino.py
+  DINOLoss.forward, l.363-416 at 7c446df):
+
+      P_t(x_iq) = softmax((g_t(x_iq) - c) / tau_t)             teacher, global crops only, no gradient
+      log P_s(x_v) = log_softmax(g_s(x_v) / tau_s)              student, every crop
+      L = 1 / |pairs| * sum_{(iq, v), v != iq} mean_b [ -sum_k P_t(x_iq)_bk log P_s(x_v)_bk ]
+
+  with |pairs| = n_teacher * n_student - n_teacher when the teacher's crops are the first student crops
+  (2 * (2 + 10) - 2 = 22 for the released ViT-S/16 with 10 local crops). tau_s = 0.1; tau_t comes from
+  `dino_teacher_temperature`; c is the running center, updated after the loss by `dino_center_update`.
+
+  Args:
+    student_logits: sequence of [n, K] arrays, one per crop, the 2 global crops first, then the local ones
+      (the student head's outputs; gradient flows).
+    teacher_logits: sequence of [n, K] arrays, the teacher head's raw outputs on the global crops, in the
+      same order as the first student crops (treated as constant).
+    center: [1, K] or [K] (constant).
+    student_temperature, teacher_temperature: tau_s, tau_t (scalars, may be traced).
+  Returns: the scalar loss over this device's n examples; the trainer's mean over devices (equal n) is the
+  loss of the global batch, so no collective is needed here.
+  """
+  student_log_probs, teacher_probs, _ = _dino_distributions(
+      student_logits, teacher_logits, center, student_temperature, teacher_temperature)
+  pairs = _dino_pairs(len(teacher_probs), len(student_log_probs))
+  total = sum(-jnp.mean(jnp.sum(teacher_probs[iq] * student_log_probs[v], axis=-1)) for iq, v in pairs)
+  return total / len(pairs)
+
+
+def dino_center_update(center, teacher_logits_batch_sum, global_count, momentum):
+  """DINO's center EMA (main_dino.py DINOLoss.update_center, l.406-416 at 7c446df), applied after the loss:
+
+      batch_center = sum over every teacher row of every device of g_t(x)  /  global_count
+      center      <- momentum * center + (1 - momentum) * batch_center          (momentum 0.9)
+
+  The official code sums the raw teacher outputs over its rows (both global crops), all-reduces the sum and
+  divides by len(teacher_output) * world_size, i.e. the global number of teacher rows,
+  n_global * n_teacher_crops. This function takes those two global quantities as inputs so it stays pure
+  and runs unchanged on one device or under shard_map: the caller computes, from this device's teacher
+  logits `ts` (a list of [n, K]),
+
+      teacher_logits_batch_sum = global_sum(sum(jnp.sum(t, axis=0) for t in ts))      [K]
+      global_count            = global_sum(n * len(ts))
+
+  with `parallel.sum` as global_sum under shard_map (the identity on one device), so every device gets the
+  same new center. The center is state: checkpoint it with the model (it is a registered buffer, l.263).
+
+  Args:
+    center: [1, K] or [K] current center.
+    teacher_logits_batch_sum: [K] (or [1, K]) global sum of the raw teacher logits.
+    global_count: global number of summed rows.
+    momentum: the EMA momentum (0.9 in the official code).
+  Returns: the new center, float32, with the broadcast shape of center and the sum; no gradient.
+  """
+  batch_center = jnp.asarray(teacher_logits_batch_sum, jnp.float32) / global_count
+  new_center = jnp.asarray(center, jnp.float32) * momentum + batch_center * (1 - momentum)
+  return jax.lax.stop_gradient(new_center)
+
+
+def dino_diagnostics(student_logits, teacher_logits, center, student_temperature, teacher_temperature,
+                     global_sum=_local_sum):
+  """Collapse monitors for DINO (asked for in facebookresearch/dino#246 and #43; RECIPES.md section 8).
+
+  With H the entropy, the loss of each pair splits as cross-entropy = H(P_t) + KL(P_t || P_s) (the
+  decomposition of the paper's collapse study, Caron et al. 2021, section 5.3 "Avoiding collapse", Fig. 7),
+  and since every teacher crop appears in the same number of pairs (n_student - 1),
+
+      dino_loss = teacher_entropy + kl_teacher_student        (exactly)
+
+  Centering pushes the teacher towards uniform, sharpening towards one-hot. A collapse shows as
+  kl_teacher_student -> 0 (the student just copies a constant teacher) together with either
+  teacher_entropy -> 0 (one prototype wins for every image: sharpening dominates) or teacher_entropy ->
+  log K (uniform teacher: centering dominates; the loss then sits at log K, 11.09 for K = 65536, the
+  constant loss reported in those issues). teacher_batch_entropy separates the one-prototype
+  case from healthy sharp teachers: it is the entropy of the teacher's mean distribution over the batch,
+  low when every image maps to the same prototype, and near log K when sharp assignments are spread out.
+
+  Args: as `dino_loss`, plus
+    global_sum: for teacher_batch_entropy's mean distribution only: the identity (default, this device's
+      batch) or `parallel.sum` under shard_map (the global batch; one psum of [K] and a scalar).
+  Returns: {"teacher_entropy": mean over teacher rows of H(P_t) (this device),
+            "teacher_batch_entropy": H(mean over rows of P_t),
+            "kl_teacher_student": mean over the loss's pairs of mean_b KL(P_t || P_s) (this device)},
+    float32 scalars without gradient; the first and third average over devices like the loss.
+  """
+  student_log_probs, teacher_probs, teacher_log_probs = _dino_distributions(
+      jax.tree.map(jax.lax.stop_gradient, list(student_logits)), teacher_logits, center,
+      student_temperature, teacher_temperature)
+  # Entropies and KL from log_softmax, never log(p): exact where a probability underflows to 0.
+  row_entropies = [-jnp.sum(p * lp, axis=-1) for p, lp in zip(teacher_probs, teacher_log_probs)]
+  teacher_entropy = jnp.mean(jnp.stack([jnp.mean(h) for h in row_entropies]))
+  pairs = _dino_pairs(len(teacher_probs), len(student_log_probs))
+  kl = sum(jnp.mean(jnp.sum(teacher_probs[iq] * (teacher_log_probs[iq] - student_log_probs[v]), axis=-1))
+           for iq, v in pairs) / len(pairs)
+  num_rows = global_sum(jnp.asarray(sum(p.shape[0] for p in teacher_probs), jnp.float32))
+  mean_teacher = global_sum(sum(jnp.sum(p, axis=0) for p in teacher_probs)) / num_rows
+  batch_entropy = -jnp.sum(mean_teacher * jnp.log(jnp.maximum(mean_teacher, 1e-30)))
+  return {"teacher_entropy": teacher_entropy, "teacher_batch_entropy": batch_entropy,
+          "kl_teacher_student": kl}

@@ -62,7 +62,8 @@ def create_train_state(config, method, schedule: Callable, num_classes: int):
   params = dict(params)
   if config.online_probe:
     # The probe reads the representation of the first view; its size comes from an abstract forward.
-    feat = jax.eval_shape(method.represent, params, batch_stats, batch["views"][0]).shape[-1]
+    variables = method.encoder_variables(params, batch_stats, method_state)
+    feat = jax.eval_shape(method.represent, variables, batch["views"][0]).shape[-1]
     params["online_probe"] = probe_head(num_classes).init(rng_probe, jnp.zeros((1, feat)))["params"]
   tx = optim.create_optimizer(config, schedule, params,
                               method.data.steps_per_epoch if method.data is not None else None)
@@ -325,6 +326,9 @@ def train(config, workdir: str, stop_at_step: Optional[int] = None) -> Dict[str,
           if step % config.log_every_steps == 0 or stop:
             row = dict(fetched[-1], skipped_steps=skipped) if config.skip_nonfinite_steps else fetched[-1]
             writer.write(step, row, progress.update(step), config.total_steps)
+            if is_main:
+              for warning in method.log_warnings(row):
+                logging.warning("step %d: %s", step, warning)
             skipped = 0
           if step % config.checkpoint_every_steps == 0 or stop:
             manager.save(step, state)

@@ -26,7 +26,8 @@ class WorkdirError(UserError, ValueError):
 # The settings that make a run what it is: a workdir holds one run, so these must match its config.json.
 # Other settings (steps, learning rate, logging) may change between resumptions, as --config overrides.
 IDENTITY = ("method.name", "dataset", "model.name", "model.depth", "model.width", "model.width_multiplier",
-            "model.cifar_stem")
+            "model.cifar_stem", "model.arch", "model.patch_size", "model.embed_dim", "model.num_heads",
+            "model.pos_embed")
 
 
 def _get(tree: Dict[str, Any], dotted: str):

@@ -17,11 +17,14 @@ from ssl_jax.errors import ConfigError
 from ssl_jax.methods import base
 
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "quickstart")
+# Variants beyond imagenet / cifar10 whose settings differ enough to be checked on their own.
+EXTRA_VARIANTS = {"moco_v3": ("vit_base", "resnet50", "cifar10_resnet,tiny"),
+                  "dino": ("vit_small_800ep", "vit_base8", "resnet50", "cifar10_resnet,tiny")}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_variant_validates_and_survives_config_json(name):
-  for variant in ("imagenet", "cifar10", "cifar10,tiny"):
+  for variant in ("imagenet", "cifar10", "cifar10,tiny") + EXTRA_VARIANTS.get(name, ()):
     cfg = config_lib.load(f"{REPO}/configs/{name}.py:{variant}")
     cfg.data_dir = "/data"
     config_lib.validate(cfg, 8, 1, "cpu")
@@ -82,9 +85,9 @@ def test_impossible_method_settings_stop_in_one_line(name, overrides, message):
 
 def test_registries_name_what_they_know():
   assert {"simclr", "byol", "moco", "simsiam", "barlow_twins", "vicreg"} <= set(methods.METHODS.names())
-  with pytest.raises(ConfigError, match="unknown method.name 'dino'; known: barlow_twins, byol"):
-    methods.METHODS.get("dino")
-  assert models.MODELS.names() == ["resnet"]
+  with pytest.raises(ConfigError, match="unknown method.name 'mae'; known: barlow_twins, byol"):
+    methods.METHODS.get("mae")
+  assert models.MODELS.names() == ["resnet", "vit"]
   assert methods.DataFacts(50_000, 512).steps(15) == round(15 * 50_000 / 512)
 
 

@@ -13,11 +13,10 @@ import pytest
 
 from conftest import REPO
 from ssl_jax import config as config_lib
-from ssl_jax import optim, parallel
+from ssl_jax import methods, optim, parallel
 from ssl_jax.data import datasets, pipeline
 from ssl_jax.data.datasets import EMBEDDED_DATA_DIR
 from ssl_jax.evaluate import features, subsets, supervised
-from ssl_jax.methods import base as methods_base
 
 
 def tiny_config():
@@ -35,10 +34,11 @@ def random_batch(n=16, seed=0):
 
 def run_steps(cfg, protocol, mesh, num_steps=2):
   p = cfg.eval[protocol]
-  encoder = methods_base.build_encoder(cfg, bn_axis_name=None)
-  variables = encoder.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
+  method = methods.get(cfg)
+  variables = method.evaluation_encoder().init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
+                                               train=False)
   schedule = optim.warmup_cosine(1.0, 0, 10)
-  state, step_fn, _ = supervised.build(p, encoder, dict(variables), mesh, schedule,
+  state, step_fn, _ = supervised.build(p, method, dict(variables), mesh, schedule,
                                        datasets.get("cifar10"), seed=0)
   losses = []
   for i in range(num_steps):

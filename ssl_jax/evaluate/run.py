@@ -34,20 +34,20 @@ class Encoder:
     same encoder several times (the quickstart: the kNN curve, then kNN and the linear probe). Off by
     default: at ImageNet scale one split's features are gigabytes."""
     from ssl_jax import methods, optim
-    from ssl_jax.methods import base as methods_base
     self.cfg = cfg
     self.mesh = mesh
     self.cache_features = cache_features
     self._cache = {}
     self.info = datasets.get(cfg.dataset)
-    self.method = methods.get(cfg)
+    # The training data's facts: schedules and freezes counted in epochs (SwAV's and DINO's optimizer
+    # groups) are part of the state's structure.
+    num_train = pipeline.num_examples(pipeline.get_builder(cfg.dataset, cfg.data_dir), self.info.pretrain_split)
+    self.method = methods.get(cfg, methods.DataFacts(num_train, cfg.batch_size))
     schedule = optim.warmup_cosine(1.0, 0, cfg.total_steps)
     state, _ = train.create_train_state(cfg, self.method, schedule, self.info.num_classes)
     self.initial_state = parallel.replicate(mesh, state)
+    # Every protocol reads the method's representation (method.represent of method.encoder_variables).
     self._represent = jax.jit(self.method.represent, out_shardings=parallel.batch_sharded(mesh))
-    # The image-level protocols train in the global view (no shard_map), where batch norm needs no mesh
-    # axis: its statistics over the global batch are global. Same parameter tree as the method's encoder.
-    self.global_encoder = methods_base.build_encoder(cfg, bn_axis_name=None)
 
   def restore(self, workdir: str, step: int):
     """The state saved at `step` (see find_checkpoint), verified against its digest; raises EvalError if it
@@ -71,7 +71,7 @@ class Encoder:
     """(features, labels) of `split`; `key` names the encoder (e.g. ("step", 375), ("random",)) for the
     cache."""
     def compute():
-      represent = lambda x: self._represent(state.params, state.batch_stats, x)
+      represent = lambda x: self._represent(self.encoder_variables(state), x)
       return features_lib.extract(self.cfg, represent, split, self.mesh, self.cfg.eval.batch_size)
     return self._cached(key, split, compute)
 
@@ -82,9 +82,9 @@ class Encoder:
       self._cache[(key, split)] = compute()
     return self._cache[(key, split)]
 
-  @staticmethod
-  def encoder_variables(state) -> Dict[str, Any]:
-    return {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]}
+  def encoder_variables(self, state) -> Dict[str, Any]:
+    """The variables of the encoder the method evaluates (DINO: its teacher)."""
+    return self.method.encoder_variables(state.params, state.batch_stats, state.method_state)
 
   def pixel_features(self, split: str):
     return self._cached(("raw_pixels",), split, lambda: features_lib.extract(
@@ -197,7 +197,7 @@ def evaluate(workdir: str, protocol: str, checkpoint: str = "latest", cfg=None, 
     root = str(epath.Path(workdir) / "eval" / "checkpoints" /
                f"{name}_{step}_{settings_digest(cfg.eval[name], cfg.seed)}")
     for label, variables, represent in candidates:
-      results[label] = supervised.run(cfg, name, encoder.global_encoder, variables, encoder.mesh, label,
+      results[label] = supervised.run(cfg, name, encoder.method, variables, encoder.mesh, label,
                                       represent, checkpoint_root=root)
     sizes = {"num_train": pipeline.num_examples(pipeline.get_builder(cfg.dataset, cfg.data_dir),
                                                 info.train_split)}

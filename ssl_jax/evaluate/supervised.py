@@ -57,19 +57,20 @@ def train_view(crop_size: int, crop_scale) -> Dict[str, Any]:
   return view
 
 
-def make_step(encoder: nn.Module, head: nn.Module, tx, schedule: Callable, train_encoder: bool,
-              represent: Callable):
+def make_step(method, head: nn.Module, tx, schedule: Callable, train_encoder: bool, represent: Callable,
+              representation: Optional[str], seed: int):
   """step(state, batch {"image", "label"}) -> (state, metrics). represent(frozen, batch_stats, x) is the
-  frozen representation (used when not train_encoder)."""
+  frozen representation (used when not train_encoder); a trained encoder runs through the method's
+  represent_train with `representation`, its dropout / drop-path key folded from `seed` and the step."""
 
   def step(state: ClassifierState, batch):
     x, y = batch["image"], batch["label"]
 
     def loss_fn(params):
       if train_encoder:
-        h, updates = encoder.apply({"params": params["encoder"], "batch_stats": state.batch_stats}, x,
-                                   train=True, mutable=["batch_stats"])
-        batch_stats = updates["batch_stats"]
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        h, batch_stats = method.represent_train({"params": params["encoder"], "batch_stats": state.batch_stats},
+                                                x, rng, representation)
       else:
         h = jax.lax.stop_gradient(represent(state.frozen, state.batch_stats, x))
         batch_stats = state.batch_stats
@@ -99,17 +100,20 @@ def check_batch(cfg, p, name: str, num_devices: int, num_processes: int) -> None
                      f"and {num_processes} processes; pass --config.eval.{name}.batch_size=N")
 
 
-def build(p, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, schedule: Callable, info, seed: int,
+def build(p, method, variables: Optional[Dict[str, Any]], mesh, schedule: Callable, info, seed: int,
           represent: Optional[Callable] = None, total_steps: Optional[int] = None, where: str = "eval"):
   """(initial state replicated on the mesh, jitted step, jitted predict(state, x) -> logits) of one
-  protocol's classifier. variables: the encoder's {"params", "batch_stats"}, or None with a custom
+  protocol's classifier on the representation of `method` (ssl_jax.methods: its `represent`, the same as
+  kNN's and the online probe's, with the protocol's `representation` where set). variables: the
+  encoder's {"params", "batch_stats"} (method.encoder_variables), or None with a custom
   `represent(params, batch_stats, x)` (the raw-pixel baseline). The optimizer is optim.build's from the
   protocol's section `p` (SGD, Nesterov by default; weight decay on weights only); total_steps: the run's
   (read by a cosine weight decay); where: the section's name in error messages ("eval.finetune")."""
   train_encoder = bool(p.train_encoder)
+  representation = p.get("representation") or None
   if represent is None:
-    represent = lambda params, batch_stats, x: encoder.apply({"params": params, "batch_stats": batch_stats},
-                                                             x, train=False)
+    represent = lambda params, batch_stats, x: method.represent({"params": params, "batch_stats": batch_stats},
+                                                                x, representation)
   x0 = jnp.zeros((1, info.image_size, info.image_size, 3))
   feature_dim = jax.eval_shape(represent, variables["params"] if variables else None,
                                variables["batch_stats"] if variables else None, x0).shape[-1]
@@ -122,13 +126,14 @@ def build(p, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, sche
   state = ClassifierState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                           batch_stats=variables["batch_stats"] if variables else {}, opt_state=tx.init(params))
   state = parallel.replicate(mesh, state)
-  step_fn = jax.jit(make_step(encoder, head, tx, schedule, train_encoder, represent),
+  step_fn = jax.jit(make_step(method, head, tx, schedule, train_encoder, represent, representation, seed),
                     in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                     out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)), donate_argnums=0)
 
   def predict(state, x):
     if train_encoder:
-      h = encoder.apply({"params": state.params["encoder"], "batch_stats": state.batch_stats}, x, train=False)
+      h = method.represent({"params": state.params["encoder"], "batch_stats": state.batch_stats}, x,
+                           representation)
     else:
       h = represent(state.frozen, state.batch_stats, x)
     return head.apply({"params": state.params["head"]}, h.astype(jnp.float32))
@@ -136,7 +141,7 @@ def build(p, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, sche
   return state, step_fn, jax.jit(predict, out_shardings=parallel.batch_sharded(mesh))
 
 
-def train_and_score(cfg, protocol: str, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh,
+def train_and_score(cfg, protocol: str, method, variables: Optional[Dict[str, Any]], mesh,
                     fraction: float, epochs: float, label: str,
                     represent: Optional[Callable] = None, checkpoint_dir: Optional[str] = None) -> Dict[str, Any]:
   """Trains the classifier of `protocol` (paper_linear, finetune or semi) on `fraction` of the labels,
@@ -157,7 +162,7 @@ def train_and_score(cfg, protocol: str, encoder: nn.Module, variables: Optional[
   peak = optim.scaled_learning_rate(p.base_learning_rate, p.lr_scaling, p.batch_size)
   schedule = optim.learning_rate(p, peak, total_steps, steps_per_epoch)
 
-  state, step_fn, predict = build(p, encoder, variables, mesh, schedule, info, cfg.seed, represent,
+  state, step_fn, predict = build(p, method, variables, mesh, schedule, info, cfg.seed, represent,
                                   total_steps, f"eval.{protocol}")
   manager, start_step = None, 0
   if checkpoint_dir is not None:
@@ -204,7 +209,7 @@ def train_and_score(cfg, protocol: str, encoder: nn.Module, variables: Optional[
   return out
 
 
-def run(cfg, protocol: str, encoder: nn.Module, variables: Optional[Dict[str, Any]], mesh, name: str,
+def run(cfg, protocol: str, method, variables: Optional[Dict[str, Any]], mesh, name: str,
         represent: Optional[Callable] = None, checkpoint_root: Optional[str] = None) -> Dict[str, Any]:
   """Every label fraction of `protocol` for one encoder; metrics keyed "top1" (one fraction) or
   "top1_<pct>pct" (several), plus the settings of each run. Each run checkpoints under
@@ -216,7 +221,7 @@ def run(cfg, protocol: str, encoder: nn.Module, variables: Optional[Dict[str, An
   for fraction, epochs in fractions:
     label = f"{name} {fraction:.0%} labels"
     directory = None if checkpoint_root is None else f"{checkpoint_root}/{name}_{fraction * 100:g}pct"
-    r = train_and_score(cfg, protocol, encoder, variables, mesh, fraction, epochs, label, represent,
+    r = train_and_score(cfg, protocol, method, variables, mesh, fraction, epochs, label, represent,
                         directory)
     suffix = "" if len(fractions) == 1 else f"_{fraction * 100:g}pct"
     for key in ("top1", "top5"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ssl_jax.methods import barlow_twins, byol, moco, simclr, simsiam, swav, vicreg
+from ssl_jax.methods import barlow_twins, byol, dino, moco, moco_v3, simclr, simsiam, swav, vicreg
 from ssl_jax.methods.base import DataFacts, Method
 from ssl_jax.errors import ConfigError
 from ssl_jax.registry import Registry
@@ -18,6 +18,8 @@ METHODS.register("simsiam")(simsiam.SimSiam)
 METHODS.register("barlow_twins")(barlow_twins.BarlowTwins)
 METHODS.register("vicreg")(vicreg.VICReg)
 METHODS.register("swav")(swav.SwAV)
+METHODS.register("moco_v3")(moco_v3.MoCoV3)
+METHODS.register("dino")(dino.DINO)
 
 
 def get(config, data: Optional[DataFacts] = None) -> Method:
@@ -36,6 +38,9 @@ def check_config(cfg) -> None:
   unknown = set(cfg.method) - set(method.default_config())
   if unknown:
     raise ConfigError(f"unknown method setting(s) {sorted(unknown)} for method.name={cfg.method.name!r}")
+  if method.has_heads and cfg.model.get("representation") == "mean":
+    raise ConfigError(f"{cfg.method.name}'s heads read the class token, which model.representation=mean leaves "
+                      "out: pre-train with cls (or cls_last4) and evaluate with --config.model.representation=mean")
   method.check_config(cfg)
 
 

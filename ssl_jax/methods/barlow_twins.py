@@ -63,8 +63,8 @@ class BarlowTwins(base.Method):
 
   def loss(self, params, batch_stats, method_state, batch, rng, step):
     x1, x2 = batch["views"]
-    (h1, z1, _), batch_stats = base.apply_train(self.network, params, batch_stats, x1)
-    (_, z2, _), batch_stats = base.apply_train(self.network, params, batch_stats, x2)
+    (h1, z1, _), batch_stats = base.apply_train(self.network, params, batch_stats, x1, base.dropout_key(rng, 0))
+    (_, z2, _), batch_stats = base.apply_train(self.network, params, batch_stats, x2, base.dropout_key(rng, 1))
     m = self.config.method
     loss = losses.barlow_twins_loss(z1, z2, m.lambd, global_sum=parallel.sum)
     scaled = loss / m.official_gradient_gpus if m.official_gradient_gpus else loss

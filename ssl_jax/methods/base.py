@@ -27,9 +27,11 @@ from typing import Any, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from ssl_jax import models
 from ssl_jax.errors import ConfigError
+from ssl_jax import parallel
 from ssl_jax.parallel import DATA
 
 Batch = Mapping[str, Any]  # {"views": tuple of [n, h, w, 3] float arrays, "label": [n] int, "index": [n] int}
@@ -63,6 +65,13 @@ jax.tree_util.register_dataclass(
     meta_fields=[])
 
 
+def head_input(encoder: nn.Module, h):
+  """What the heads read of the representation `h`: the encoder's own `head_input` where it has one (a ViT
+  evaluated on the concatenated class tokens of its last blocks trains its heads on the last one's),
+  else `h` itself."""
+  return encoder.head_input(h) if hasattr(encoder, "head_input") else h
+
+
 class Network(nn.Module):
   """Encoder followed by a projector and optionally a predictor; returns (representation, projection,
   prediction or None)."""
@@ -73,7 +82,7 @@ class Network(nn.Module):
 
   def __call__(self, x, train: bool = True):
     h = self.encoder(x, train=train)
-    z = self.projector(h, train=train)
+    z = self.projector(head_input(self.encoder, h), train=train)
     p = None if self.predictor is None else self.predictor(z, train=train)
     return h, z, p
 
@@ -130,9 +139,13 @@ def dtype_of(config):
   return models.DTYPES[config.model.dtype]
 
 
-def build_encoder(config, bn_axis_name: Optional[str] = DATA) -> nn.Module:
-  """The encoder named by config.model.name (ssl_jax/models)."""
-  return models.build(config.model, bn_axis_name)
+def build_encoder(config, bn_axis_name: Optional[str] = DATA, **overrides) -> nn.Module:
+  """The encoder named by config.model.name (ssl_jax/models); overrides: `model.*` settings replaced for
+  this instance (a teacher without drop path, an evaluation's representation)."""
+  m = config.model
+  if overrides:
+    m = ml_collections.ConfigDict(dict(m.to_dict(), **overrides))
+  return models.build(m, bn_axis_name)
 
 
 def build_head(config, hidden_dims: Sequence[int], output_dim: int, use_bn: bool, output_bn: bool,
@@ -151,25 +164,33 @@ def init_network(network: Network, rng, x):
   return variables["params"], variables.get("batch_stats", {})
 
 
-def apply_train(network: Network, params, batch_stats, x):
-  """Training-mode forward: returns ((h, z, p), new_batch_stats)."""
+def apply_train(network: nn.Module, params, batch_stats, x, rng=None):
+  """Training-mode forward: returns (output, new_batch_stats). rng: the key of dropout and drop path, for
+  networks that have them; a network without batch norm returns its empty statistics unchanged."""
   out, updates = network.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                               mutable=["batch_stats"])
-  return out, updates["batch_stats"]
+                               mutable=["batch_stats"], rngs=None if rng is None else {"dropout": rng})
+  return out, updates.get("batch_stats", batch_stats)
 
 
-def forward_crops(network: nn.Module, params, batch_stats, crops: Sequence[jax.Array]):
+def dropout_key(rng, index: int):
+  """The dropout / drop-path key of forward pass `index` of a step on this device (inside shard_map): the
+  step's key is the same on every device, and each device's examples need their own masks."""
+  return jax.random.fold_in(jax.random.fold_in(rng, parallel.device_index()), index)
+
+
+def forward_crops(network: nn.Module, params, batch_stats, crops: Sequence[jax.Array], rng=None):
   """Training-mode forward of `network` over multi-crop views: one call per run of consecutive crops of the
   same resolution, concatenated over the batch (so batch norm sees all of them at once), as the official
-  multi-crop wrappers do (SwAV main_swav.py / DINO utils.MultiCropWrapper). Returns (one output pytree per
-  crop, new batch_stats)."""
+  multi-crop wrappers do (SwAV main_swav.py / DINO utils.MultiCropWrapper). rng: dropout / drop path key,
+  a different one per call. Returns (one output pytree per crop, new batch_stats)."""
   outputs, start = [], 0
   while start < len(crops):
     end = start
     while end < len(crops) and crops[end].shape[1:] == crops[start].shape[1:]:
       end += 1
     n = [c.shape[0] for c in crops[start:end]]
-    out, batch_stats = apply_train(network, params, batch_stats, jnp.concatenate(crops[start:end], axis=0))
+    key = None if rng is None else dropout_key(rng, start)
+    out, batch_stats = apply_train(network, params, batch_stats, jnp.concatenate(crops[start:end], axis=0), key)
     bounds = [sum(n[:i]) for i in range(len(n) + 1)]
     outputs.extend(jax.tree.map(lambda t, a=a, b=b: t[a:b], out) for a, b in zip(bounds[:-1], bounds[1:]))
     start = end
@@ -185,11 +206,13 @@ class Method:
   """Base class; see the module docstring for the contract."""
 
   encoder: nn.Module  # set by subclasses; its variables live under params["encoder"]
+  has_heads = True    # heads on the encoder's head_input (a ViT's class token)
 
   def __init__(self, config, data: Optional[DataFacts] = None):
     """data: the training data's facts; None where only the networks are needed (evaluation)."""
     self.config = config
     self.data = data
+    self._evaluation_encoders = {}
 
   @staticmethod
   def default_config():
@@ -226,11 +249,37 @@ class Method:
     """Per device, inside shard_map. Returns (scalar loss, LossOutput)."""
     raise NotImplementedError
 
-  def represent(self, params, batch_stats, x):
-    """Inference-mode representation (encoder output before any head, running BN statistics):
-    x [n, h, w, 3] -> [n, feat]. What the online probe and every evaluation protocol read."""
-    return self.encoder.apply({"params": params["encoder"], "batch_stats": batch_stats["encoder"]}, x,
-                              train=False)
+  def encoder_variables(self, params, batch_stats, method_state):
+    """The {"params", "batch_stats"} of the encoder that evaluation reads: the online encoder by default
+    (DINO evaluates its teacher). A model without batch norm has empty statistics."""
+    return {"params": params["encoder"], "batch_stats": batch_stats.get("encoder", {})}
+
+  def evaluation_encoder(self, representation: Optional[str] = None) -> nn.Module:
+    """The encoder in the global view (no mesh axis: under plain jit batch statistics over the global batch
+    are global), with the representation `representation` (None: config.model's). Same parameters as
+    self.encoder."""
+    key = representation or ""
+    if key not in self._evaluation_encoders:
+      self._evaluation_encoders[key] = build_encoder(
+          self.config, bn_axis_name=None, **({"representation": representation} if representation else {}))
+    return self._evaluation_encoders[key]
+
+  def represent(self, variables, x, representation: Optional[str] = None):
+    """Inference-mode representation (encoder output before any head, running BN statistics) of the
+    encoder `variables` (encoder_variables): x [n, h, w, 3] -> [n, feat]. What the online probe's size,
+    kNN and every linear protocol read; representation: a ViT's choice for this protocol (None: the
+    config's)."""
+    return self.evaluation_encoder(representation).apply(variables, x, train=False)
+
+  def represent_train(self, variables, x, rng, representation: Optional[str] = None):
+    """Training-mode representation for protocols that train the encoder (fine-tuning): (features, new
+    batch_stats); rng drives dropout and drop path."""
+    return apply_train(self.evaluation_encoder(representation), variables["params"],
+                       variables.get("batch_stats", {}), x, rng)
+
+  def log_warnings(self, row) -> Sequence[str]:
+    """Warnings about a logged metrics row (host side, one line each; DINO's collapse guard)."""
+    return []
 
   def update_state(self, method_state, params, state_stats, per_example, step):
     """After the optimizer step, in the global view. `params` are the updated online parameters,

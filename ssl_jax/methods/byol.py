@@ -57,17 +57,19 @@ class BYOL(base.Method):
   def init(self, rng, batch):
     params, batch_stats = base.init_network(self.online, rng, batch["views"][0])
     target = {k: params[k] for k in ("encoder", "projector")}
-    target_stats = {k: batch_stats[k] for k in ("encoder", "projector")}
+    target_stats = {k: batch_stats[k] for k in ("encoder", "projector") if k in batch_stats}
     return params, batch_stats, {"target_params": target, "target_batch_stats": target_stats}
 
   def loss(self, params, batch_stats, method_state, batch, rng, step):
     x1, x2 = batch["views"]
     # Each view is its own forward pass (own BN statistics), as in the official code.
-    (h1, z1, p1), batch_stats = base.apply_train(self.online, params, batch_stats, x1)
-    (_, _, p2), batch_stats = base.apply_train(self.online, params, batch_stats, x2)
+    (h1, z1, p1), batch_stats = base.apply_train(self.online, params, batch_stats, x1, base.dropout_key(rng, 0))
+    (_, _, p2), batch_stats = base.apply_train(self.online, params, batch_stats, x2, base.dropout_key(rng, 1))
     target_params, target_stats = method_state["target_params"], method_state["target_batch_stats"]
-    (_, t1, _), target_stats = base.apply_train(self.target, target_params, target_stats, x1)
-    (_, t2, _), target_stats = base.apply_train(self.target, target_params, target_stats, x2)
+    (_, t1, _), target_stats = base.apply_train(self.target, target_params, target_stats, x1,
+                                                base.dropout_key(rng, 2))
+    (_, t2, _), target_stats = base.apply_train(self.target, target_params, target_stats, x2,
+                                                base.dropout_key(rng, 3))
     loss = losses.byol_loss(p1, p2, jax.lax.stop_gradient(t1), jax.lax.stop_gradient(t2))
     return loss, base.LossOutput(batch_stats=batch_stats, metrics={}, representation=h1, embedding=z1,
                                  state_stats={"target_batch_stats": target_stats})

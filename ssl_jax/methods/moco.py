@@ -86,20 +86,21 @@ class MoCo(base.Method):
     """Key projections of this device's examples x [n, ...], computed under shuffle BN (module docstring).
     Returns (keys [n, dim], new key BN statistics of this device)."""
     if not self.config.method.shuffle_bn:
-      (_, k, _), key_stats = base.apply_train(self.network, key_params, key_stats, x)
+      (_, k, _), key_stats = base.apply_train(self.network, key_params, key_stats, x, base.dropout_key(rng, 1))
       return k, key_stats
     n = x.shape[0]
     start = parallel.device_index() * n
     x_all = parallel.all_gather(x)
     perm = jax.random.permutation(rng, x_all.shape[0])
     mine = jax.lax.dynamic_slice_in_dim(perm, start, n)
-    (_, k_shuffled, _), key_stats = base.apply_train(self.network, key_params, key_stats, x_all[mine])
+    (_, k_shuffled, _), key_stats = base.apply_train(self.network, key_params, key_stats, x_all[mine],
+                                                     base.dropout_key(rng, 1))
     k_all = parallel.all_gather(k_shuffled)[jnp.argsort(perm)]
     return jax.lax.dynamic_slice_in_dim(k_all, start, n), key_stats
 
   def loss(self, params, batch_stats, method_state, batch, rng, step):
     xq, xk = batch["views"]
-    (h, q, _), batch_stats = base.apply_train(self.network, params, batch_stats, xq)
+    (h, q, _), batch_stats = base.apply_train(self.network, params, batch_stats, xq, base.dropout_key(rng, 0))
     k, key_stats = self.keys(method_state["key_params"], method_state["key_batch_stats"], xk, rng)
     k = jax.lax.stop_gradient(losses.l2_normalize(k))
     loss = losses.info_nce_queue(q, k, method_state["queue"], self.config.method.temperature)

@@ -57,7 +57,7 @@ class SimCLR(base.Method):
     n = x1.shape[0]
     # One forward pass over both views, as the official code does, so batch norm sees all 2N views.
     (h, z, _), new_batch_stats = base.apply_train(self.network, params, batch_stats,
-                                                  jnp.concatenate([x1, x2], axis=0))
+                                                  jnp.concatenate([x1, x2], axis=0), base.dropout_key(rng, 0))
     z1, z2 = z[:n], z[n:]
     z1_all, z2_all = parallel.all_gather(z1), parallel.all_gather(z2)
     loss = losses.nt_xent(z1, z2, z1_all, z2_all, parallel.device_index() * n, self.config.method.temperature)

@@ -55,7 +55,7 @@ class SimSiam(base.Method):
 
   def loss(self, params, batch_stats, method_state, batch, rng, step):
     x1, x2 = batch["views"]
-    (h1, z1, p1), batch_stats = base.apply_train(self.network, params, batch_stats, x1)
-    (_, z2, p2), batch_stats = base.apply_train(self.network, params, batch_stats, x2)
+    (h1, z1, p1), batch_stats = base.apply_train(self.network, params, batch_stats, x1, base.dropout_key(rng, 0))
+    (_, z2, p2), batch_stats = base.apply_train(self.network, params, batch_stats, x2, base.dropout_key(rng, 1))
     loss = losses.simsiam_loss(p1, p2, z1, z2)
     return loss, base.LossOutput(batch_stats=batch_stats, metrics={}, representation=h1, embedding=z1)

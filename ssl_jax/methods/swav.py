@@ -157,7 +157,8 @@ class SwAV(base.Method):
     x = batch["views"][0]
     encoder_params, encoder_stats = base.init_network(self.encoder, rng_encoder, x)
     h = self.encoder.apply({"params": encoder_params, "batch_stats": encoder_stats}, x, train=False)
-    projector_params, projector_stats = base.init_network(self.projector, rng_projector, h)
+    projector_params, projector_stats = base.init_network(self.projector, rng_projector,
+                                                          base.head_input(self.encoder, h))
     m = self.config.method
     prototypes = self.prototypes.init(rng_prototypes, jnp.zeros((1, m.proj_dim), jnp.float32))["params"]
     params = {"encoder": encoder_params, "projector": projector_params,
@@ -182,9 +183,9 @@ class SwAV(base.Method):
     m = self.config.method
     crops = batch["views"]
     n = crops[0].shape[0]
-    hs, encoder_stats = base.forward_crops(self.encoder, params["encoder"], batch_stats["encoder"], crops)
+    hs, encoder_stats = base.forward_crops(self.encoder, params["encoder"], batch_stats["encoder"], crops, rng)
     z, projector_stats = base.apply_train(self.projector, params["projector"], batch_stats["projector"],
-                                          jnp.concatenate(hs, axis=0))
+                                          base.head_input(self.encoder, jnp.concatenate(hs, axis=0)))
     z = losses.l2_normalize(z)
     scores = self.prototypes.apply({"params": params["prototypes"]}, z)
     crop_z = [z[v * n:(v + 1) * n] for v in range(len(crops))]

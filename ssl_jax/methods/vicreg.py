@@ -59,8 +59,8 @@ class VICReg(base.Method):
 
   def loss(self, params, batch_stats, method_state, batch, rng, step):
     x1, x2 = batch["views"]
-    (h1, z1, _), batch_stats = base.apply_train(self.network, params, batch_stats, x1)
-    (_, z2, _), batch_stats = base.apply_train(self.network, params, batch_stats, x2)
+    (h1, z1, _), batch_stats = base.apply_train(self.network, params, batch_stats, x1, base.dropout_key(rng, 0))
+    (_, z2, _), batch_stats = base.apply_train(self.network, params, batch_stats, x2, base.dropout_key(rng, 1))
     m = self.config.method
     loss, terms = losses.vicreg_loss(z1, z2, parallel.all_gather(z1), parallel.all_gather(z2),
                                      m.sim_coeff, m.std_coeff, m.cov_coeff)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ssl_jax.errors import ConfigError
-from ssl_jax.models import resnet
+from ssl_jax.models import resnet, vit
 from ssl_jax.models.heads import MLPHead
 from ssl_jax.models.resnet import ResNet, create_resnet
 from ssl_jax.registry import Registry
@@ -27,6 +27,7 @@ class ModelSpec:
 
 MODELS: Registry[ModelSpec] = Registry("model.name")
 MODELS.register("resnet")(ModelSpec(resnet.default_config, resnet.build, resnet.apply_tiny, resnet.check))
+MODELS.register("vit")(ModelSpec(vit.default_config, vit.build, vit.apply_tiny, vit.check))
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -1,4 +1,4 @@
-"""MLP heads: projectors and predictors."""
+"""Heads: the MLP projectors and predictors, and DINO's weight-normalized prototype head."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from ssl_jax.models import initializers
 
 
 class MLPHead(nn.Module):
@@ -61,3 +63,55 @@ class MLPHead(nn.Module):
     if self.output_bn:
       x = norm(use_bias=False, use_scale=self.output_bn_scale)(x)
     return x.astype(jnp.float32)
+
+
+class DINOHead(nn.Module):
+  """DINO's projection head (Caron et al. 2021; vision_transformer.py DINOHead l.257-291): an MLP
+  in -> hidden -> ... -> bottleneck with GELU (batch norm optional, off in the recipes), Dense kernels
+  trunc_normal(0.02) and zero biases; then L2 normalization, then a weight-normalized linear layer without
+  bias onto `output_dim` prototypes: w_k = g_k v_k / |v_k| (torch weight_norm over each output row).
+
+  Parameters: "mlp_0".."mlp_{n-1}" (Dense), "last_layer" {"v": [bottleneck, K], "g": [K]} with g = 1 at
+  init; norm_last_layer freezes g (the configs freeze "head/last_layer/g" through the optimizer groups;
+  the module itself does not know about training). Returns float32 logits [n, K]."""
+
+  hidden_dim: int = 2048
+  bottleneck_dim: int = 256
+  output_dim: int = 65536
+  num_layers: int = 3
+  use_bn: bool = False
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = x.astype(self.dtype)
+    dense = lambda dim, i: nn.Dense(dim, dtype=self.dtype, name=f"mlp_{i}",
+                                    kernel_init=initializers.trunc_normal(0.02),
+                                    bias_init=nn.initializers.zeros)
+    for i in range(self.num_layers - 1):
+      x = dense(self.hidden_dim, i)(x)
+      if self.use_bn:
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
+                         dtype=self.dtype, axis_name=self.bn_axis_name if train else None)(x)
+      x = nn.gelu(x, approximate=False)
+    x = dense(self.bottleneck_dim, self.num_layers - 1)(x)
+    # F.normalize(x, dim=-1, p=2): x / max(|x|, 1e-12).
+    x = x.astype(jnp.float32)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return WeightNormDense(self.output_dim, name="last_layer")(x)
+
+
+class WeightNormDense(nn.Module):
+  """Linear without bias, weight-normalized per output unit (torch.nn.utils.weight_norm, dim=0 of the
+  [out, in] weight): kernel = v * g / |v|, the norm over the input axis of v [in, out]."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    v = self.param("v", initializers.torch_linear_default(0), (x.shape[-1], self.features))
+    g = self.param("g", nn.initializers.ones, (self.features,))
+    kernel = v * (g / jnp.linalg.norm(v, axis=0))
+    return jnp.dot(x, kernel).astype(jnp.float32)
