@@ -14,10 +14,11 @@ Only the budget is shared; everything else is each method's own recipe. Shared: 
 seed 0, logging every 10 steps and a checkpoint every 100, a shuffle buffer of the whole train split (at
 most 50,000) and queues rounded to a multiple of the batch (MoCo's tiny 4096 and SwAV's 512 are kept at
 batch 128). Fitted to the run's length: start-up transients last min(recipe, 1 epoch, a tenth of the
-run) (the 10 warm-up epochs, where the recipe has a warm-up, and SwAV's 2 epochs of frozen prototypes
-would take most of 12 epochs), and later events come at the same fractions of the run as in the recipe
-(MoCo v1's decays at 60% and 80%, SwAV's queue start at 5%); each method's record in --out lists these
-values. Kept from the recipe: optimizer, learning rate and its scaling, weight decay, heads (the `tiny`
+run) (the 10 warm-up epochs, where the recipe has a warm-up, SwAV's 2 epochs of frozen prototypes and
+DINO's 30 epochs of teacher-temperature warm-up would take most of 12 epochs), and later events come at
+the same fractions of the run as in the recipe (MoCo v1's decays at 60% and 80%, SwAV's queue start at
+5%); each method's record in --out lists these values. The ViT configs (MoCo v3, DINO) keep their
+variants' model (`tiny`: a 4-block ViT of width 64, patch 4) and ignore --width. Kept from the recipe: optimizer, learning rate and its scaling, weight decay, heads (the `tiny`
 sizes), losses, temperatures, EMA rates, augmentations, input normalization.
 
 Commands (single process; the machine's devices form the data-parallel mesh):
@@ -228,7 +229,8 @@ def method_config(name: str, args, num_train: int, conv_impl: str):
   cfg.update(dataset="cifar10", data_dir=args.data_dir, batch_size=args.batch_size, num_epochs=float(args.epochs),
              total_steps=args.total_steps, seed=0, data_shards=0, steps_per_loop=1, log_every_steps=10,
              checkpoint_every_steps=100, shuffle_buffer=min(50_000, num_train))
-  cfg.model.update(width=args.width, conv_impl=conv_impl)
+  if cfg.model.name == "resnet":  # the ViT configs keep their variants' model (tiny: width 64, 4 blocks)
+    cfg.model.update(width=args.width, conv_impl=conv_impl)
   opt = cfg.optimizer
   # Start-up transients (warm-up, SwAV's frozen prototypes) last min(recipe, 1 epoch, a tenth of the run):
   # the recipes' 10 warm-up epochs or 2 frozen epochs would take most of a 12-epoch run.
@@ -236,6 +238,8 @@ def method_config(name: str, args, num_train: int, conv_impl: str):
   if opt.warmup_epochs > 0:  # MoCo's recipes have none, and keep none
     opt.warmup_epochs = min(opt.warmup_epochs, start_epochs)
   start_steps = max(1, round(start_epochs * num_train / args.batch_size))
+  if cfg.method.get("warmup_teacher_temp_epochs", 0) > 0:  # DINO's, counted in whole epochs
+    cfg.method.warmup_teacher_temp_epochs = max(1, int(start_epochs))
   opt.groups = tuple(
       (regex, dict(settings, frozen_until_step=min(settings["frozen_until_step"], start_steps)))
       if 0 < settings.get("frozen_until_step", 0) < config_lib.FROZEN_FOREVER else (regex, dict(settings))
@@ -342,8 +346,10 @@ def run_method(name: str, args, results: dict, num_train: int, conv_impl: str, h
       "budget_overrides": {"warmup_epochs": resolved.optimizer.warmup_epochs,
                            "lr_drop_epochs": list(resolved.optimizer.lr_drop_epochs),
                            "groups": [list(g) for g in resolved.optimizer.groups],
-                           "shuffle_buffer": resolved.shuffle_buffer, "conv_impl": resolved.model.conv_impl,
-                           **{k: resolved.method[k] for k in ("queue_size", "queue_length", "queue_start_epoch")
+                           "shuffle_buffer": resolved.shuffle_buffer,
+                           "conv_impl": resolved.model.get("conv_impl"),
+                           **{k: resolved.method[k] for k in ("queue_size", "queue_length", "queue_start_epoch",
+                                                             "warmup_teacher_temp_epochs")
                               if k in resolved.method}},
       "host": host, "date": now()}
   return True
