@@ -136,3 +136,32 @@ def test_dino_evaluates_the_teacher_and_its_last_layer_trains_after_the_first_ep
   teacher = method.represent(variables, x)
   student = method.represent({"params": state.params["encoder"], "batch_stats": {}}, x)
   assert teacher.shape == student.shape and not np.allclose(teacher, student)
+
+
+def test_protocols_read_the_configured_representation():
+  """paper_linear with representation=cls_last4 (DINO's ViT-S linear probe) trains its classifier on the
+  concatenated class tokens of the last 4 blocks of the evaluated (teacher) encoder; the model's own
+  representation elsewhere; a ResNet refuses the setting in one line."""
+  from ssl_jax.data import datasets
+  from ssl_jax.errors import ConfigError
+  from ssl_jax.evaluate import supervised
+  cfg = config_lib.resolve(vit_config("dino"), NUM_TRAIN)
+  method = methods.get(cfg, methods.DataFacts(NUM_TRAIN, cfg.batch_size))
+  state, _ = train.create_train_state(cfg, method, optim.warmup_cosine(0.1, 0, 10), num_classes=10)
+  variables = method.encoder_variables(state.params, state.batch_stats, state.method_state)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  dim = cfg.model.embed_dim
+  for representation, features in (("", dim), ("cls_last4", 4 * dim)):
+    p = cfg.eval.paper_linear
+    p.representation = representation
+    head_state, _, _ = supervised.build(p, method, variables, mesh, optim.warmup_cosine(0.1, 0, 10),
+                                        datasets.get("cifar10"), seed=0)
+    assert head_state.params["head"]["kernel"].shape == (features, 10)
+  x = random_batch(cfg)["views"][0]
+  last4 = method.represent(variables, x, "cls_last4")
+  np.testing.assert_allclose(last4[:, -dim:], method.represent(variables, x), rtol=1e-5, atol=1e-6)
+  resnet = config_lib.load(f"{REPO}/configs/simclr.py:cifar10,tiny")
+  resnet.data_dir = "/data"
+  resnet.eval.paper_linear.representation = "cls_last4"
+  with pytest.raises(ConfigError, match="eval.paper_linear.representation is a ViT setting"):
+    config_lib.validate(resnet, 8, 1, "cpu")
