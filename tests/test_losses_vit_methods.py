@@ -9,24 +9,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ssl_jax import losses, parallel
+from test_losses_joint import numeric_grad
 
 D = parallel.DATA
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Independent references: float64 numpy, one row / pair at a time.
-
-def numeric_grad(f, x, h=1e-6):
-  """Central finite differences of a scalar numpy function f at x (float64)."""
-  x = np.array(x, np.float64)
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    up, down = x.copy(), x.copy()
-    up[idx] += h
-    down[idx] -= h
-    g[idx] = (f(up) - f(down)) / (2 * h)
-  return g
-
 
 def assert_grad_close(got, want, rtol=2e-4):
   np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())

@@ -62,6 +62,12 @@ BAD = [
     ("simclr", {"model.name": "vgg"}, "unknown model.name 'vgg'; known: resnet"),
     ("simclr", {"optimizer.schedule": "linear"}, "optimizer.schedule must be cosine, cosine_per_epoch, steps"),
     ("simsiam", {"optimizer.groups": (("projector/nothing", {"lr_mult": 2.0}),)}, "projector/nothing"),
+    ("moco_v3", {"method.base_momentum": 1.5}, "method.base_momentum must be in [0, 1]"),
+    ("moco_v3", {"model.representation": "mean"}, "pre-train with cls (or cls_last4)"),
+    ("moco_v3", {"model.num_heads": 5}, "divisible"),
+    ("dino", {"method.student_temp": 0.0}, "method.student_temp must be > 0"),
+    ("dino", {"method.warmup_teacher_temp_epochs": -1}, "whole number >= 0"),
+    ("dino", {"views.global2.crop_size": 24}, "dino takes 2 global crops of one size first"),
 ]
 
 

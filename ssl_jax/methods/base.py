@@ -128,6 +128,20 @@ def check_heads(cfg, *size_keys: str) -> None:
                       f"{m.get('proj_layers', 1)}, " + ", ".join(f"{k}={v}" for k, v in zip(size_keys, sizes)))
 
 
+def check_positive(cfg, *keys: str) -> None:
+  """One-line ConfigError unless every method.<key> is > 0 (temperatures)."""
+  for k in keys:
+    if not cfg.method[k] > 0:
+      raise ConfigError(f"method.{k} must be > 0, got {cfg.method[k]}")
+
+
+def check_fraction(cfg, *keys: str) -> None:
+  """One-line ConfigError unless every method.<key> is in [0, 1] (EMA rates, momenta)."""
+  for k in keys:
+    if not 0 <= cfg.method[k] <= 1:
+      raise ConfigError(f"method.{k} must be in [0, 1], got {cfg.method[k]}")
+
+
 def check_num_views(cfg, count: int) -> None:
   """One-line ConfigError unless the config defines exactly `count` views."""
   n = len(view_crop_sizes(cfg))
@@ -162,6 +176,15 @@ def init_network(network: Network, rng, x):
   needed; the variables are the same as in training mode."""
   variables = network.init(rng, x, train=False)
   return variables["params"], variables.get("batch_stats", {})
+
+
+def init_with_target(network: Network, rng, x, parts: Sequence[str] = ("encoder", "projector")):
+  """(params, batch_stats, method_state) of a network with an EMA target (BYOL, MoCo v3): the target starts
+  as a copy of the online network's `parts`, with their own batch-norm statistics."""
+  params, batch_stats = init_network(network, rng, x)
+  target = {k: params[k] for k in parts}
+  target_stats = {k: batch_stats[k] for k in parts if k in batch_stats}
+  return params, batch_stats, {"target_params": target, "target_batch_stats": target_stats}
 
 
 def apply_train(network: nn.Module, params, batch_stats, x, rng=None):

@@ -12,7 +12,6 @@ import jax
 import ml_collections
 
 from ssl_jax import losses, optim
-from ssl_jax.errors import ConfigError
 from ssl_jax.methods import base
 
 
@@ -32,8 +31,7 @@ class BYOL(base.Method):
 
   @classmethod
   def check_config(cls, cfg):
-    if not 0 <= cfg.method.base_ema <= 1:
-      raise ConfigError(f"method.base_ema must be in [0, 1], got {cfg.method.base_ema}")
+    base.check_fraction(cfg, "base_ema")
 
   @classmethod
   def apply_tiny(cls, cfg):
@@ -55,10 +53,7 @@ class BYOL(base.Method):
     self.ema_schedule = optim.cosine_increase(m.base_ema, config.total_steps)
 
   def init(self, rng, batch):
-    params, batch_stats = base.init_network(self.online, rng, batch["views"][0])
-    target = {k: params[k] for k in ("encoder", "projector")}
-    target_stats = {k: batch_stats[k] for k in ("encoder", "projector") if k in batch_stats}
-    return params, batch_stats, {"target_params": target, "target_batch_stats": target_stats}
+    return base.init_with_target(self.online, rng, batch["views"][0])
 
   def loss(self, params, batch_stats, method_state, batch, rng, step):
     x1, x2 = batch["views"]

@@ -66,11 +66,8 @@ class DINO(base.Method):
   @classmethod
   def check_config(cls, cfg):
     m = cfg.method
-    if min(m.student_temp, m.teacher_temp, m.warmup_teacher_temp) <= 0:
-      raise ConfigError("method.student_temp, teacher_temp and warmup_teacher_temp must be > 0")
-    for key in ("momentum_teacher", "center_momentum"):
-      if not 0 <= m[key] <= 1:
-        raise ConfigError(f"method.{key} must be in [0, 1], got {m[key]}")
+    base.check_positive(cfg, "student_temp", "teacher_temp", "warmup_teacher_temp")
+    base.check_fraction(cfg, "momentum_teacher", "center_momentum")
     if m.warmup_teacher_temp_epochs < 0 or int(m.warmup_teacher_temp_epochs) != m.warmup_teacher_temp_epochs:
       raise ConfigError(f"method.warmup_teacher_temp_epochs must be a whole number >= 0 (the schedule is per "
                         f"epoch), got {m.warmup_teacher_temp_epochs}")

@@ -48,10 +48,8 @@ class MoCo(base.Method):
   @classmethod
   def check_config(cls, cfg):
     m = cfg.method
-    if m.temperature <= 0:
-      raise ConfigError(f"method.temperature must be > 0, got {m.temperature}")
-    if not 0 <= m.momentum <= 1:
-      raise ConfigError(f"method.momentum must be in [0, 1], got {m.momentum}")
+    base.check_positive(cfg, "temperature")
+    base.check_fraction(cfg, "momentum")
     if m.queue_size <= 0 or m.queue_size % cfg.batch_size:
       # The queue is replaced a whole global batch at a time (the official code asserts K % batch == 0).
       raise ConfigError(f"method.queue_size={m.queue_size} must be a multiple of batch_size={cfg.batch_size}")

@@ -23,7 +23,6 @@ import jax
 import ml_collections
 
 from ssl_jax import losses, optim, parallel
-from ssl_jax.errors import ConfigError
 from ssl_jax.methods import base
 
 
@@ -50,11 +49,8 @@ class MoCoV3(base.Method):
 
   @classmethod
   def check_config(cls, cfg):
-    m = cfg.method
-    if m.temperature <= 0:
-      raise ConfigError(f"method.temperature must be > 0, got {m.temperature}")
-    if not 0 <= m.base_momentum <= 1:
-      raise ConfigError(f"method.base_momentum must be in [0, 1], got {m.base_momentum}")
+    base.check_positive(cfg, "temperature")
+    base.check_fraction(cfg, "base_momentum")
     base.check_heads(cfg, "proj_hidden_dim", "proj_dim", "pred_hidden_dim")
     base.check_num_views(cfg, 2)
 
@@ -78,10 +74,7 @@ class MoCoV3(base.Method):
       self.momentum = lambda step: m.base_momentum
 
   def init(self, rng, batch):
-    params, batch_stats = base.init_network(self.online, rng, batch["views"][0])
-    target = {k: params[k] for k in ("encoder", "projector")}
-    target_stats = {k: batch_stats[k] for k in ("encoder", "projector") if k in batch_stats}
-    return params, batch_stats, {"target_params": target, "target_batch_stats": target_stats}
+    return base.init_with_target(self.online, rng, batch["views"][0])
 
   def loss(self, params, batch_stats, method_state, batch, rng, step):
     x1, x2 = batch["views"]
