@@ -165,3 +165,12 @@ def test_protocols_read_the_configured_representation():
   resnet.eval.paper_linear.representation = "cls_last4"
   with pytest.raises(ConfigError, match="eval.paper_linear.representation is a ViT setting"):
     config_lib.validate(resnet, 8, 1, "cpu")
+
+
+def test_dino_warns_of_the_uniform_collapse_only():
+  """Logged rows of the tiny DINO run that collapsed on the embedded data (loss 5.46 and teacher entropy
+  5.30 against log 256 = 5.55) warn; a sharp teacher at the same loss does not."""
+  method = methods.get(config_lib.load(f"{REPO}/configs/dino.py:cifar10,tiny"))
+  assert "collapse" in method.log_warnings({"loss": 5.46, "teacher_entropy": 5.30})[0]
+  assert method.log_warnings({"loss": 5.46, "teacher_entropy": 2.0}) == []
+  assert method.log_warnings({"loss": 3.0, "teacher_entropy": 5.4}) == []
