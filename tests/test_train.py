@@ -47,7 +47,7 @@ def read_metrics(workdir):
   return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", ["simclr", "byol", "moco_v2", "simsiam", "barlow_twins", "vicreg", "moco_v3"])
+@pytest.mark.parametrize("name", ["simclr", "byol", "moco_v2", "simsiam", "barlow_twins", "vicreg"])
 def test_config_tiny_variant_runs(name, data_dir, tmp_path, monkeypatch):
   # A relative workdir, as `make quickstart` passes (orbax itself only accepts absolute paths).
   monkeypatch.chdir(tmp_path)
@@ -91,7 +91,9 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
 def test_dino_tiny_run_resumes_exactly(tmp_path):
   """DINO (tiny ViT, multi-crop, drop path) stopped at step 2 and resumed ends exactly as an uninterrupted
   run: teacher, center, optimizer state and the step's random keys all come back from the checkpoint."""
-  cfg = tiny("dino", EMBEDDED_DATA_DIR, total_steps=4)
+  # Two blocks and two local crops: the compilation is most of this test's time (MoCo v3's end-to-end run is
+  # test_vit_methods.py's).
+  cfg = tiny("dino", EMBEDDED_DATA_DIR, total_steps=4, **{"model.depth": 2, "views.local.num": 2})
   assert cfg.model.drop_path_rate > 0 and len(cfg.views) == 3
   whole = train.train(cfg, str(tmp_path / "whole"))
   rows = read_metrics(tmp_path / "whole")
