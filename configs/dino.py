@@ -17,11 +17,12 @@ Variants (combine one with `tiny`):
       python -m ssl_jax.evaluate --workdir=gs://BUCKET/dino_vits --protocol=linear
 * `vit_small_800ep` -- the released ViT-S/16 checkpoint's arguments as transcribed by a third party
   (UNVERIFIED against the original args.txt): 800 epochs, 10 local crops, global scale 0.25-1, local
-  0.05-0.25, no gradient clipping, min lr 1e-5; README: 74.5 k-NN / 77.0 linear.
+  0.05-0.25, no gradient clipping, min lr 1e-5; DINO Table 2, row "ViT-S/16, DINO": 77.0 linear /
+  74.5 k-NN (the README's released checkpoint).
 * `vit_base8` -- ViT-B/8 with the transcribed ViT-B arguments (UNVERIFIED): batch 512, lr 0.00075, min lr
   2e-6, teacher temperature warm-up over 50 epochs, last layer frozen for 3 epochs, norm_last_layer true,
-  10 local crops, 400 epochs; README: 77.4 k-NN / 80.1 linear (the linear figure uses the last block's
-  class token with the average of its patch tokens; here the class token).
+  10 local crops, 400 epochs; DINO Table 2, row "ViT-B/8, DINO": 80.1 linear / 77.4 k-NN (the linear
+  figure uses the last block's class token with the average of its patch tokens; here the class token).
 * `resnet50` -- the README's ResNet-50 command (l.204-208): SGD lr 0.03 x B/256, weight decay 1e-4
   constant, global crops 0.14-1, local 0.05-0.14, 100 epochs at batch 512, the code's defaults otherwise
   (teacher temperature 0.04, 8 local crops, clipping at 3.0). The released ResNet-50 (75.3
