@@ -29,20 +29,20 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
-import json
 import os
 import pathlib
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# The repo for ssl_jax and configs; this script's folder for columns, whatever the working directory (it is
+# sys.path[0] only when this file is run as a script, not with python -m benchmarks.simclr_step).
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+import columns  # noqa: E402
+from columns import peak_rss_mib, progress  # noqa: E402
+
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "tfds"
-READY_PREFIX, RESULT_PREFIX, PROGRESS_PREFIX = "READY ", "RESULT ", "PROGRESS "
 
 
 def parse_args(argv=None):
@@ -66,38 +66,6 @@ def parse_args(argv=None):
                  help="also time each ResNet-18 convolution's forward, input and kernel gradient")
   p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one column in this process
   return p.parse_args(argv)
-
-
-def progress(message: str):
-  """A worker's progress line; the driver relays these and keeps the rest for error reports."""
-  print(PROGRESS_PREFIX + message, flush=True)
-
-
-def peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def serve(setup: dict, run_step) -> None:
-  """The worker side of a step column, once its step is built and compiled: prints READY with `setup`,
-  then answers each "steps W S" line on stdin by running W untimed and S timed calls of run_step() (which
-  blocks until done; with setup["steps_per_call"] = K > 1 each call is K steps, and W and S are divided by
-  K, at least one call each) and printing the seconds per step of each timed call; any other line ends it."""
-  print(READY_PREFIX + json.dumps(setup), flush=True)
-  per_call = setup.get("steps_per_call", 1)
-  for line in sys.stdin:
-    command = line.split()
-    if not command or command[0] != "steps":
-      return
-    warmup, calls = (max(1, round(int(n) / per_call)) if int(n) else 0 for n in command[1:3])
-    for _ in range(warmup):
-      run_step()
-    times = []
-    for i in range(calls):
-      start = time.perf_counter()
-      run_step()
-      times.append((time.perf_counter() - start) / per_call)
-      progress(f"call {i + 1}/{calls}: {times[-1]:.2f} s per step" + (f" ({per_call} steps)" if per_call > 1 else ""))
-    print(RESULT_PREFIX + json.dumps({"times": times, "peak_rss_mib": peak_rss_mib()}), flush=True)
 
 
 def simclr_config(args, conv_impl: str = "xla"):
@@ -141,25 +109,9 @@ def jax_column(args, column: str):
   else:  # the same batch every step of the loop: a stack of steps_per_loop copies
     step_fn, batch = loop_fn, parallel.to_global(mesh, jax.tree.map(lambda x: np.stack([x] * steps_per_loop), batch),
                                                  stacked=True)
-
-  start = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  # Live at once during the step: inputs, outputs not aliased to (donated) inputs, and XLA's temporaries.
-  # (peak_memory_in_bytes leaves the temporaries out on XLA:CPU.)
-  xla_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-               + memory.temp_size_in_bytes)
-
-  holder = {"state": state}
-
-  def run_step():
-    holder["state"], metrics = compiled(holder["state"], batch)
-    jax.block_until_ready(metrics)
-
+  compiled_setup, _, run_step = columns.compile_jax_step(step_fn, state, batch)
   name = f"ssl_jax conv_impl={conv_impl}" + (f", steps_per_loop={steps_per_loop}" if steps_per_loop > 1 else "")
-  return {"column": name, "compile_s": compile_s, "xla_peak_mib": xla_bytes / 2**20, "steps_per_call": steps_per_loop,
-          "xla_temp_mib": memory.temp_size_in_bytes / 2**20, "devices": jax.device_count()}, run_step
+  return {"column": name, **compiled_setup, "steps_per_call": steps_per_loop, "devices": jax.device_count()}, run_step
 
 
 def pipeline_column(args):
@@ -336,78 +288,15 @@ def breakdown_column(args):
 def run_worker(args):
   kind, _, arg = args.worker.partition(":")
   if kind in ("jax", "torch"):
-    return serve(*(jax_column(args, arg) if kind == "jax" else torch_column(args)))
-  result = {"pipeline": lambda: pipeline_column(args), "breakdown": lambda: breakdown_column(args)}[kind]()
-  print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
-def _worker_command(argv, worker: str):
-  return [sys.executable, str(pathlib.Path(__file__).resolve()), *argv, "--worker", worker]
-
-
-def _relay(proc, prefix: str, tail: list):
-  """Relays proc's progress lines until a line starting with `prefix`; returns its JSON (None at EOF)."""
-  for line in proc.stdout:
-    if line.startswith(prefix):
-      return json.loads(line[len(prefix):])
-    if line.startswith(PROGRESS_PREFIX):
-      print("  " + line[len(PROGRESS_PREFIX):], end="", flush=True)
-    else:
-      tail[:] = (tail + [line.rstrip()])[-15:]
-  return None
-
-
-def spawn(argv, worker: str):
-  """Runs a one-shot column (pipeline, breakdown) in a fresh process, relaying its progress lines; returns
-  its result dict, or None with the reason printed."""
-  proc = subprocess.Popen(_worker_command(argv, worker), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  tail = []
-  result = _relay(proc, RESULT_PREFIX, tail)
-  if proc.wait() != 0 or result is None:
-    print(f"  {worker} failed (exit {proc.returncode}):\n    " + "\n    ".join(tail))
-  return result
-
-
-class StepWorker:
-  """A step column in its own process (its own peak RSS, no thread pools shared with other columns), kept
-  alive between rounds so that the columns' steps can alternate: the machine's speed drifts between
-  minutes, so only steps taken close together compare."""
-
-  def __init__(self, argv, worker: str):
-    self.worker, self.tail = worker, []
-    self.proc = subprocess.Popen(_worker_command(argv, worker), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
-    self.setup = _relay(self.proc, READY_PREFIX, self.tail)
-    if self.setup is None:
-      self.fail()
-
-  def run(self, warmup: int, steps: int):
-    """{"times": [...], "peak_rss_mib": ...} of `steps` timed steps after `warmup` untimed ones, or None."""
-    if self.setup is None:
-      return None
-    self.proc.stdin.write(f"steps {warmup} {steps}\n")
-    self.proc.stdin.flush()
-    result = _relay(self.proc, RESULT_PREFIX, self.tail)
-    if result is None:
-      self.fail()
-    return result
-
-  def fail(self):
-    self.setup = None
-    print(f"  {self.worker} failed (exit {self.proc.wait()}):\n    " + "\n    ".join(self.tail))
-
-  def close(self):
-    if self.proc.poll() is None:
-      self.proc.stdin.close()
-      self.proc.wait()
+    return columns.serve(*(jax_column(args, arg) if kind == "jax" else torch_column(args)),
+                         timing_line="call {i}/{n}: {seconds:.2f} s per step")
+  columns.report({"pipeline": lambda: pipeline_column(args), "breakdown": lambda: breakdown_column(args)}[kind]())
 
 
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
-  # Restricting the process's CPUs sizes every thread pool (XLA's, tf.data's, torch's) to --threads.
-  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  columns.pin_threads(args.threads)
   if args.worker:
     return run_worker(args)
 
@@ -421,48 +310,24 @@ def main(argv=None):
                        or not (i.partition(":")[2] or "1").isdigit() or int(i.partition(":")[2] or 1) < 1):
     sys.exit(f"error: --conv_impl takes xla, patches and winograd, each optionally :K with K >= 1 steps per "
              f"call, got {', '.join(unknown)}")
-  if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
-    sys.exit(f"error: --rounds and --steps must be at least 1 and --warmup at least 0, got {args.rounds}, "
-             f"{args.steps} and {args.warmup}")
-  has_torch = importlib.util.find_spec("torch") is not None
-  if args.no_torch:
-    print("PyTorch: skipped (--no_torch)")
-  elif not has_torch:
-    print("PyTorch: skipped: torch is not importable (pip install torch to add this column)")
-  names = [f"jax:{impl}" for impl in impls] + (["torch"] if has_torch and not args.no_torch else [])
+  columns.check_turns(args)
+  names = [f"jax:{impl}" for impl in impls] + (["torch"] if columns.torch_wanted(args) else [])
   label = lambda worker: f"ssl_jax, conv_impl={worker[4:]}" if worker.startswith("jax:") else "PyTorch"
   workers = []
   for name in names:  # built one after another, so that no compilation overlaps a timed step
     print(f"{label(name)}: building and compiling", flush=True)
-    workers.append(StepWorker(argv, name))
+    workers.append(columns.StepWorker(__file__, argv, name))
   per_round = []  # per round: {worker: {step_s, best_step_s, peak_rss_mib, and the worker's setup}}
   try:
-    for round_index in range(args.rounds):
-      per_round.append({})
-      for w in workers:
-        print(f"{label(w.worker)}" + (f" (round {round_index + 1}/{args.rounds})" if args.rounds > 1 else "")
-              + ":", flush=True)
-        timed = w.run(args.warmup, args.steps)
-        if not timed:
-          continue
-        r = dict(w.setup, step_s=statistics.median(timed["times"]), best_step_s=min(timed["times"]),
-                 peak_rss_mib=timed["peak_rss_mib"])
-        r["images_per_s"] = args.batch_size / r["step_s"]
-        per_round[-1][w.worker] = r
-        detail = (f"compile {r['compile_s']:.1f} s; peak RSS {r['peak_rss_mib']:.0f} MiB; XLA memory analysis "
-                  f"{r['xla_peak_mib']:.0f} MiB (temp {r['xla_temp_mib']:.0f} MiB)" if "compile_s" in r
-                  else f"peak RSS {r['peak_rss_mib']:.0f} MiB")
-        print(f"  {r['images_per_s']:.1f} images/s (median step {r['step_s']:.2f} s, best {r['best_step_s']:.2f} s); "
-              f"{detail}; convolutions at {conv_gflop / r['step_s']:.1f} GFLOP/s", flush=True)
+    for _, r in columns.take_turns(workers, args, label, per_round):
+      detail = (f"compile {r['compile_s']:.1f} s; peak RSS {r['peak_rss_mib']:.0f} MiB; XLA memory analysis "
+                f"{r['xla_peak_mib']:.0f} MiB (temp {r['xla_temp_mib']:.0f} MiB)" if "compile_s" in r
+                else f"peak RSS {r['peak_rss_mib']:.0f} MiB")
+      print(f"  {columns.speed(r)}; {detail}; convolutions at {conv_gflop / r['step_s']:.1f} GFLOP/s", flush=True)
   finally:
     for w in workers:
       w.close()
-  # The table shows, per column, the round with the median step (the faster middle one for an even count).
-  results = []
-  for name in names:
-    runs = sorted((rnd[name] for rnd in per_round if name in rnd), key=lambda r: r["step_s"])
-    if runs:
-      results.append(runs[(len(runs) - 1) // 2])
+  results = columns.median_rounds(names, per_round)
   if args.rounds > 1 and "torch" in names:
     for name in names[:-1]:
       ratios = [rnd["torch"]["step_s"] / rnd[name]["step_s"] for rnd in per_round if name in rnd and "torch" in rnd]
@@ -475,14 +340,14 @@ def main(argv=None):
   if not (pathlib.Path(args.data_dir) / "cifar10").exists():
     print(f"  skipped: no prepared cifar10 under {args.data_dir} (pass --data_dir)")
   else:
-    pipeline_result = spawn(argv, "pipeline")
+    pipeline_result = columns.spawn(__file__, argv, "pipeline")
     if pipeline_result:
       print(f"  {pipeline_result['images_per_s']:.0f} images/s (2 views each) after "
             f"{pipeline_result['startup_s']:.1f} s start-up; peak RSS {pipeline_result['peak_rss_mib']:.0f} MiB")
 
   if args.breakdown:
     print(f"where the convolutions' time goes (each ResNet-18 conv, batch {2 * args.batch_size}):", flush=True)
-    b = spawn(argv, "breakdown")
+    b = columns.spawn(__file__, argv, "breakdown")
     if b:
       t = b["totals"]
       for name, seconds in t.items():
@@ -493,14 +358,7 @@ def main(argv=None):
             f"({100 * t['kernel grad (xla)'] / xla:.0f}% of it the kernel gradient), "
             f"{patched:.1f} s with patches")
 
-  print("\n| column | images/s (median) | images/s (best step) | compile (s) | peak RSS (MiB) "
-        "| XLA memory (MiB) |")
-  print("|---|---|---|---|---|---|")
-  for r in results:
-    compile_s = f"{r['compile_s']:.0f}" if "compile_s" in r else "- (eager)"
-    xla_mib = f"{r['xla_peak_mib']:.0f}" if "xla_peak_mib" in r else "-"
-    print(f"| {r['column']} | {r['images_per_s']:.1f} | {args.batch_size / r['best_step_s']:.1f} | {compile_s} | "
-          f"{r['peak_rss_mib']:.0f} | {xla_mib} |")
+  columns.print_table(results, args.batch_size)
   if pipeline_result:
     print(f"| input pipeline (tf.data, 2 views) | {pipeline_result['images_per_s']:.0f} | - | - | "
           f"{pipeline_result['peak_rss_mib']:.0f} | - |")

@@ -35,20 +35,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import os
 import pathlib
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-READY_PREFIX, RESULT_PREFIX, PROGRESS_PREFIX = "READY ", "RESULT ", "PROGRESS "
+# The repo for ssl_jax and configs; this script's folder for columns, whatever the working directory (it is
+# sys.path[0] only when this file is run as a script, not with python -m benchmarks.vit_step).
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+import columns  # noqa: E402
+from columns import progress  # noqa: E402
+
 NUM_TRAIN, NUM_CLASSES = 50_000, 10  # CIFAR-10's training split: the schedules' length, the probe's classes
 
 
@@ -78,36 +79,6 @@ def parse_args(argv=None):
   p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one column in this process
   p.add_argument("--spec", help=argparse.SUPPRESS)    # internal: the step's sizes, for the PyTorch column
   return p.parse_args(argv)
-
-
-def progress(message: str):
-  """A worker's progress line; the driver relays these and keeps the rest for error reports."""
-  print(PROGRESS_PREFIX + message, flush=True)
-
-
-def peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def serve(setup: dict, run_step) -> None:
-  """The worker side of a column once its step is built and has run once: prints READY with `setup`, then
-  answers each "steps W S" line on stdin by running W untimed and S timed calls of run_step() (which blocks
-  until the step is done) and printing the seconds of each timed one; any other line ends it."""
-  print(READY_PREFIX + json.dumps(setup), flush=True)
-  for line in sys.stdin:
-    command = line.split()
-    if not command or command[0] != "steps":
-      return
-    warmup, steps = int(command[1]), int(command[2])
-    for _ in range(warmup):
-      run_step()
-    times = []
-    for i in range(steps):
-      start = time.perf_counter()
-      run_step()
-      times.append(time.perf_counter() - start)
-      progress(f"step {i + 1}/{steps}: {times[-1]:.2f} s")
-    print(RESULT_PREFIX + json.dumps({"times": times, "peak_rss_mib": peak_rss_mib()}), flush=True)
 
 
 def moco_v3_config(args):
@@ -173,33 +144,17 @@ def jax_column(args):
             "bn_statistics": size(state.batch_stats) + size(state.method_state["target_batch_stats"])}
   batch = parallel.to_global(mesh, random_batch(args.batch_size))
   progress(f"built in {build_s:.1f} s; compiling")
-
-  start = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  # Live at once during the step: inputs, outputs not aliased to (donated) inputs, and XLA's temporaries.
-  # (peak_memory_in_bytes leaves the temporaries out on XLA:CPU.)
-  xla_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-               + memory.temp_size_in_bytes)
+  compiled_setup, compiled, run_step = columns.compile_jax_step(step_fn, state, batch)
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
   gflop = cost.get("flops", 0.0) / 1e9
 
-  holder = {"state": state}
-
-  def run_step():
-    holder["state"], metrics = compiled(holder["state"], batch)
-    jax.block_until_ready(metrics)
-    return metrics
-
-  progress(f"compiled in {compile_s:.1f} s; first step")
+  progress(f"compiled in {compiled_setup['compile_s']:.1f} s; first step")
   start = time.perf_counter()
   metrics = run_step()
   first_step_s = time.perf_counter() - start
-  setup = {"column": f"ssl_jax (jax {jax.__version__}, XLA:CPU)", "build_s": build_s, "compile_s": compile_s,
+  setup = {"column": f"ssl_jax (jax {jax.__version__}, XLA:CPU)", "build_s": build_s, **compiled_setup,
            "first_step_s": first_step_s, "first_loss": float(metrics["loss"]), "params": counts,
-           "xla_peak_mib": xla_bytes / 2**20, "xla_temp_mib": memory.temp_size_in_bytes / 2**20,
            "xla_gflop": gflop, "devices": jax.device_count(), "total_steps": config.total_steps}
   return setup, run_step
 
@@ -389,58 +344,8 @@ def torch_column(args, spec: dict):
 
 def run_worker(args):
   if args.worker == "jax":
-    return serve(*jax_column(args))
-  return serve(*torch_column(args, json.loads(args.spec)))
-
-
-def _worker_command(argv, worker: str, spec=None):
-  extra = ["--spec", json.dumps(spec)] if spec is not None else []
-  return [sys.executable, str(pathlib.Path(__file__).resolve()), *argv, "--worker", worker, *extra]
-
-
-def _relay(proc, prefix: str, tail: list):
-  """Relays proc's progress lines until a line starting with `prefix`; returns its JSON (None at EOF)."""
-  for line in proc.stdout:
-    if line.startswith(prefix):
-      return json.loads(line[len(prefix):])
-    if line.startswith(PROGRESS_PREFIX):
-      print("  " + line[len(PROGRESS_PREFIX):], end="", flush=True)
-    else:
-      tail[:] = (tail + [line.rstrip()])[-15:]
-  return None
-
-
-class StepWorker:
-  """A column in its own process (its own peak RSS, no thread pools shared with the other column), kept
-  alive between rounds so that the columns' steps can alternate."""
-
-  def __init__(self, argv, worker: str, spec=None):
-    self.worker, self.tail = worker, []
-    self.proc = subprocess.Popen(_worker_command(argv, worker, spec), stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    self.setup = _relay(self.proc, READY_PREFIX, self.tail)
-    if self.setup is None:
-      self.fail()
-
-  def run(self, warmup: int, steps: int):
-    """{"times": [...], "peak_rss_mib": ...} of `steps` timed steps after `warmup` untimed ones, or None."""
-    if self.setup is None:
-      return None
-    self.proc.stdin.write(f"steps {warmup} {steps}\n")
-    self.proc.stdin.flush()
-    result = _relay(self.proc, RESULT_PREFIX, self.tail)
-    if result is None:
-      self.fail()
-    return result
-
-  def fail(self):
-    self.setup = None
-    print(f"  {self.worker} failed (exit {self.proc.wait()}):\n    " + "\n    ".join(self.tail), flush=True)
-
-  def close(self):
-    if self.proc.poll() is None:
-      self.proc.stdin.close()
-      self.proc.wait()
+    return columns.serve(*jax_column(args))
+  return columns.serve(*torch_column(args, json.loads(args.spec)))
 
 
 def describe_params(counts: dict) -> str:
@@ -451,14 +356,10 @@ def describe_params(counts: dict) -> str:
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
-  # Restricting the process's CPUs sizes every thread pool (XLA's, torch's) to --threads.
-  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  columns.pin_threads(args.threads)
   if args.worker:
     return run_worker(args)
-  if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
-    sys.exit(f"error: --rounds and --steps must be at least 1 and --warmup at least 0, got {args.rounds}, "
-             f"{args.steps} and {args.warmup}")
+  columns.check_turns(args)
 
   from ssl_jax.errors import ConfigError
   try:
@@ -477,17 +378,12 @@ def main(argv=None):
     # per step as 1 thread did (every op waits at a barrier for the descheduled thread); XLA suffers less.
     print(f"warning: load average {load:.1f} before the run: other processes share these cores, which slows "
           f"both columns and PyTorch's (OpenMP) by far the most; the figures are not comparable", flush=True)
-  has_torch = importlib.util.find_spec("torch") is not None
-  if args.no_torch:
-    print("PyTorch: skipped (--no_torch)")
-  elif not has_torch:
-    print("PyTorch: skipped: torch is not importable (pip install torch==2.13.0 to add this column)")
-  names = ([] if args.no_jax else ["jax"]) + (["torch"] if has_torch and not args.no_torch else [])
+  names = ([] if args.no_jax else ["jax"]) + (["torch"] if columns.torch_wanted(args, "torch==2.13.0") else [])
   label = {"jax": "ssl_jax", "torch": "PyTorch"}
   workers = []
   for name in names:  # built one after another, so that no compilation overlaps another column's step
     print(f"{label[name]}: building, compiling, first step", flush=True)
-    w = StepWorker(argv, name, spec if name == "torch" else None)
+    w = columns.StepWorker(__file__, argv, name, ["--spec", json.dumps(spec)] if name == "torch" else [])
     workers.append(w)
     if w.setup:
       s = w.setup
@@ -509,52 +405,30 @@ def main(argv=None):
 
   per_round = []  # per round: {worker: {step_s, best_step_s, peak_rss_mib, images_per_s, and the setup}}
   try:
-    for round_index in range(args.rounds):
-      per_round.append({})
-      for w in workers:
-        print(f"{label[w.worker]}" + (f" (round {round_index + 1}/{args.rounds})" if args.rounds > 1 else "")
-              + ":", flush=True)
-        timed = w.run(args.warmup, args.steps)
-        if not timed:
-          continue
-        r = dict(w.setup, step_s=statistics.median(timed["times"]), best_step_s=min(timed["times"]),
-                 peak_rss_mib=timed["peak_rss_mib"])
-        r["images_per_s"] = args.batch_size / r["step_s"]
-        per_round[-1][w.worker] = r
-        detail = f"peak RSS {r['peak_rss_mib']:.0f} MiB"
-        if "xla_peak_mib" in r:
-          detail += f"; XLA memory analysis {r['xla_peak_mib']:.0f} MiB (temp {r['xla_temp_mib']:.0f} MiB)"
-        if gflop:
-          detail += f"; {gflop / r['step_s']:.1f} GFLOP/s"
-        print(f"  {r['images_per_s']:.1f} images/s (median step {r['step_s']:.2f} s, best {r['best_step_s']:.2f} s); "
-              f"{detail}", flush=True)
-      if {"jax", "torch"} <= set(per_round[-1]):
-        rnd = per_round[-1]
-        print(f"  round {round_index + 1}: ssl_jax at {100 * rnd['torch']['step_s'] / rnd['jax']['step_s']:.0f}% "
+    for w, r in columns.take_turns(workers, args, label.get, per_round):
+      detail = f"peak RSS {r['peak_rss_mib']:.0f} MiB"
+      if "xla_peak_mib" in r:
+        detail += f"; XLA memory analysis {r['xla_peak_mib']:.0f} MiB (temp {r['xla_temp_mib']:.0f} MiB)"
+      if gflop:
+        detail += f"; {gflop / r['step_s']:.1f} GFLOP/s"
+      print(f"  {columns.speed(r)}; {detail}", flush=True)
+      rnd = per_round[-1]
+      if w.worker == "torch" and "jax" in rnd:  # the round's last turn (torch's) with both columns in it
+        print(f"  round {len(per_round)}: ssl_jax at {100 * rnd['torch']['step_s'] / rnd['jax']['step_s']:.0f}% "
               f"of PyTorch's speed", flush=True)
   finally:
     for w in workers:
       w.close()
 
-  # The table shows, per column, the round with the median step (the faster middle one for an even count).
-  results = []
-  for name in names:
-    runs = sorted((rnd[name] for rnd in per_round if name in rnd), key=lambda r: r["step_s"])
-    if runs:
-      results.append(runs[(len(runs) - 1) // 2])
+  results = columns.median_rounds(names, per_round)
   ratios = [rnd["torch"]["step_s"] / rnd["jax"]["step_s"] for rnd in per_round if {"jax", "torch"} <= set(rnd)]
   if ratios:
     print("ssl_jax speed / PyTorch's, per round: " + ", ".join(f"{100 * q:.0f}%" for q in ratios)
           + f"; median {100 * statistics.median(ratios):.0f}%")
 
-  print("\n| column | images/s (median) | images/s (best step) | compile (s) | first step (s) | peak RSS (MiB) "
-        "| XLA memory (MiB) | first-step loss |")
-  print("|---|---|---|---|---|---|---|---|")
-  for r in results:
-    compile_s = f"{r['compile_s']:.0f}" if "compile_s" in r else "- (eager)"
-    xla_mib = f"{r['xla_peak_mib']:.0f}" if "xla_peak_mib" in r else "-"
-    print(f"| {r['column']} | {r['images_per_s']:.1f} | {args.batch_size / r['best_step_s']:.1f} | {compile_s} | "
-          f"{r['first_step_s']:.1f} | {r['peak_rss_mib']:.0f} | {xla_mib} | {r['first_loss']:.3f} |")
+  headings = (*columns.STEP_TABLE[:4], "first step (s)", *columns.STEP_TABLE[4:], "first-step loss")
+  columns.print_table(results, args.batch_size, headings, lambda r: {"first step (s)": f"{r['first_step_s']:.1f}",
+                                                                   "first-step loss": f"{r['first_loss']:.3f}"})
   if ratios:
     print("| ssl_jax / PyTorch, per round | " + ", ".join(f"{100 * q:.0f}%" for q in ratios) + " | | | | | | |")
   print(f"\nMoCo v3 {args.arch}/{spec['patch_size']}, heads {spec['proj_hidden']}, {args.dtype}, global batch "
