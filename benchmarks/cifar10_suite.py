@@ -18,8 +18,9 @@ run) (the 10 warm-up epochs, where the recipe has a warm-up, SwAV's 2 epochs of 
 DINO's 30 epochs of teacher-temperature warm-up would take most of 12 epochs), and later events come at
 the same fractions of the run as in the recipe (MoCo v1's decays at 60% and 80%, SwAV's queue start at
 5%); each method's record in --out lists these values. The ViT configs (MoCo v3, DINO) keep their
-variants' model (`tiny`: a 4-block ViT of width 64, patch 4) and ignore --width. Kept from the recipe: optimizer, learning rate and its scaling, weight decay, heads (the `tiny`
-sizes), losses, temperatures, EMA rates, augmentations, input normalization.
+variants' model (`tiny`: a 4-block ViT of width 64, patch 4) and ignore --width. Kept from the recipe:
+optimizer, learning rate and its scaling, weight decay, heads (the `tiny` sizes), losses, temperatures, EMA
+rates, augmentations, input normalization.
 
 Commands (single process; the machine's devices form the data-parallel mesh):
   # The embedded 4,000-image subset at the quickstart's budget (batch 128, 12 epochs = 375 steps,

@@ -221,8 +221,9 @@ class OptimizerState(NamedTuple):
 class Rule:
   """What makes an optimizer of the registry: its moment transformation (built from the section's
   settings) and the order in which an update goes through the shared pieces: "decay" (coupled weight
-  decay, + wd w), "trust" (LARS's trust ratio), "moments", "lr" (x the group's rate); "decay" after
-  "moments" is decoupled weight decay."""
+  decay, + wd w), "trust" (LARS's trust ratio), "clipped_trust" (coupled decay and the clipped trust ratio
+  of PyTorch Lightning Bolts' LARS), "moments", "lr" (x the group's rate); "decay" after "moments" is
+  decoupled weight decay."""
 
   moment: Callable[[Any], optax.GradientTransformation]
   order: Tuple[str, ...]
@@ -236,6 +237,9 @@ OPTIMIZERS: Registry[Rule] = Registry("optimizer")
 # You et al. 2017, as optax.lars and SimCLR's LARSOptimizer: the momentum accumulates the scaled update.
 OPTIMIZERS.register("lars")(Rule(lambda opt: optax.trace(decay=opt.momentum, nesterov=opt.nesterov),
                                  ("decay", "trust", "lr", "moments")))
+# PyTorch Lightning Bolts' LARS with clip_lars_lr and exclude_bias_n_norm_lars, as solo-learn's CIFAR
+# recipes run it (solo/utils/lars.py): trust and decay before PyTorch SGD's momentum, then the rate.
+OPTIMIZERS.register("lars_clip")(Rule(_momentum, ("clipped_trust", "moments", "lr")))
 # PyTorch's SGD: momentum over the decayed gradient, then the rate.
 OPTIMIZERS.register("sgd")(Rule(_momentum, ("decay", "moments", "lr")))
 # Loshchilov & Hutter 2019, PyTorch's AdamW: Adam moments, then decoupled decay, then the rate.
@@ -259,6 +263,10 @@ def build(opt, params: Any, learning_rate: Schedule, *, batch_size: Optional[int
     lars:  g + wd w (coupled, masked), x trust ratio eta |w| / |g + wd w| (masked; 1 where either norm is
            0), x lr, momentum trace: You et al. 2017 as optax.lars and SimCLR's LARSOptimizer (momentum
            accumulates the scaled update);
+    lars_clip: where the trust ratio applies and |w|, |g| > 0: (g + wd w) x min(r / rate, 1) with
+           r = eta |w| / (|g| + wd |w| + 1e-8) and rate the parameter's learning rate at the step (its
+           update is at most eta |w| / |g| x g, at most the plain rate); elsewhere g unchanged; momentum
+           trace, x lr: PyTorch Lightning Bolts' LARS with clip_lars_lr (solo-learn's CIFAR recipes);
     sgd:   g + wd w (coupled), momentum trace (Nesterov optional; none at momentum 0), x lr (PyTorch SGD);
     adamw: Adam moments, + wd w (decoupled), x lr (Loshchilov & Hutter 2019; PyTorch AdamW).
   Frozen parameters (step < frozen_until_step) get a zero update and keep their moments: PyTorch's
@@ -311,9 +319,23 @@ def build(opt, params: Any, learning_rate: Schedule, *, batch_size: Optional[int
         return u
       return u + (wd_now if s.wd_mult == 1.0 else wd_now * s.wd_mult) * p
 
+    def rate_of(s):
+      return s.fixed_lr if s.fixed_lr is not None else lr_now if s.lr_mult == 1.0 else lr_now * s.lr_mult
+
     def scale_by_lr(u, s):
-      rate = s.fixed_lr if s.fixed_lr is not None else lr_now if s.lr_mult == 1.0 else lr_now * s.lr_mult
-      return jnp.array(-rate, dtype=u.dtype) * u
+      return jnp.array(-rate_of(s), dtype=u.dtype) * u
+
+    def clipped_trust(g, p, s):
+      if not s.trust_ratio:
+        return g
+      wd_p = (wd_now * s.wd_mult) if decays else 0.0
+      p_norm, g_norm = jnp.linalg.norm(p.ravel()), jnp.linalg.norm(g.ravel())
+      ratio = opt.trust_coefficient * p_norm / (g_norm + p_norm * wd_p + 1e-8)
+      rate = jnp.asarray(rate_of(s), jnp.float32)
+      # At rate 0 (the first warm-up step) Bolts' ratio / rate is inf, clipped to 1.
+      ratio = jnp.where(rate > 0, jnp.minimum(ratio / jnp.where(rate > 0, rate, 1.0), 1.0), 1.0)
+      scaled = (g + wd_p * p) * ratio.astype(g.dtype)
+      return jnp.where((p_norm > 0) & (g_norm > 0), scaled, g)
 
     def moments(u):
       new = []
@@ -330,6 +352,8 @@ def build(opt, params: Any, learning_rate: Schedule, *, batch_size: Optional[int
         updates = jax.tree.map(add_decay, updates, params, leaves)
       elif piece == "trust":
         updates, _ = trust.update(updates, trust.init(params), params)
+      elif piece == "clipped_trust":
+        updates = jax.tree.map(clipped_trust, updates, params, leaves)
       elif piece == "lr":
         updates = jax.tree.map(scale_by_lr, updates, leaves)
       else:

@@ -79,6 +79,57 @@ def test_without_groups_the_updates_equal_optax_bit_for_bit(name, weight_decay, 
     np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
 
 
+def bolts_lars_reference(params, grads, schedule, eta, weight_decay, momentum, exclude):
+  """PyTorch Lightning Bolts' LARS with clip_lars_lr (solo-learn's solo/utils/lars.py), written directly
+  in numpy, parameter by parameter: the updates (new - old parameters) of each step."""
+  params = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  buffers, out = {}, []
+  for step, g_step in enumerate(grads):
+    lr = float(schedule(step))
+    step_updates = {}
+    for name, p in params.items():
+      g = np.asarray(g_step[name], np.float64)
+      d_p = g
+      p_norm, g_norm = np.linalg.norm(p), np.linalg.norm(g)
+      if p.ndim != 1 or not exclude:
+        if p_norm != 0 and g_norm != 0:
+          lars_lr = eta * p_norm / (g_norm + p_norm * weight_decay + 1e-8)
+          lars_lr = min(lars_lr / lr, 1.0) if lr > 0 else 1.0
+          d_p = (g + weight_decay * p) * lars_lr
+      buffers[name] = d_p if name not in buffers else momentum * buffers[name] + d_p
+      step_updates[name] = -lr * buffers[name]
+      params[name] = p + step_updates[name]
+    out.append(step_updates)
+  return out
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_lars_clip_equals_a_direct_computation_of_bolts_lars(exclude):
+  """optimizer.name=lars_clip (solo-learn's CIFAR recipes) against a direct numpy computation of Bolts'
+  LARS over a warm-up and cosine: the first step at rate 0, steps where the clip binds (large |w| / |g|)
+  and steps where it does not (small), a zero parameter (no decay, no trust ratio), the bias excluded or
+  not."""
+  r = np.random.default_rng(3)
+  params = {"big": jnp.asarray(r.normal(size=(4, 3)) * 50, jnp.float32),
+            "small": jnp.asarray(r.normal(size=(3, 5)) * 1e-3, jnp.float32),
+            "zero": jnp.zeros((2, 2), jnp.float32), "bias": jnp.asarray(r.normal(size=(3,)), jnp.float32)}
+  grads = [jax.tree.map(lambda p: jnp.asarray(r.normal(size=p.shape), jnp.float32), params) for _ in range(5)]
+  schedule = optim.warmup_cosine(0.3, 2, 5)
+  opt = section(name="lars_clip", weight_decay=1e-4, trust_coefficient=0.02, exclude_bias_and_norm=exclude)
+  ours, _ = run(optim.build(opt, params, schedule), params, grads)
+  theirs = bolts_lars_reference(params, grads, schedule, 0.02, 1e-4, 0.9, exclude)
+  bound = []
+  for step, (a, b) in enumerate(zip(ours, theirs)):
+    for name in params:
+      np.testing.assert_allclose(np.asarray(a[name]), b[name], rtol=2e-5, atol=1e-9, err_msg=f"{step} {name}")
+  # The clip binds for "big" (eta |w| / |g| far above the rate) and not for "small", so both branches ran.
+  lr = float(schedule(3))
+  for name, expect in (("big", True), ("small", False)):
+    w, g = np.asarray(params[name]), np.asarray(grads[3][name])
+    bound.append((0.02 * np.linalg.norm(w) / np.linalg.norm(g) > lr) == expect)
+  assert all(bound)
+
+
 @pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
 def test_frozen_group_is_skipped_then_trains_as_from_scratch(name):
   """A group frozen until step 3 (weight decay 0.1, so a zeroed gradient would still move it): no update

@@ -12,6 +12,8 @@ the biases and BN parameters, which are excluded from adaptation and get their o
 `method.official_gradient_gpus = G` reproduces the official effective gradient of a G-GPU run (the loss
 is multiplied by 1/G; the logged `barlow_loss` stays unscaled); 0 (the default) keeps the true gradient.
 The published run used 16 GPUs (official README: "approximately 7 days on 16 V100 GPUs").
+`method.loss_scale` multiplies the loss the gradient comes from as solo-learn's `scale_loss` (0.1 in its
+CIFAR recipe, solo/losses/barlow.py); the official code has none (1.0).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
       proj_layers=3,
       lambd=0.0051,
       official_gradient_gpus=0,  # 0: true gradient; G: the official DDP code's gradient at G GPUs (1/G)
+      loss_scale=1.0,            # x the loss behind the gradient (solo-learn's scale_loss); logged unscaled
   ))
 
 
@@ -46,6 +49,7 @@ class BarlowTwins(base.Method):
     if m.lambd < 0 or m.official_gradient_gpus < 0:
       raise ConfigError(f"method.lambd and method.official_gradient_gpus must be >= 0, got {m.lambd}, "
                         f"{m.official_gradient_gpus}")
+    base.check_positive(cfg, "loss_scale")
     base.check_heads(cfg, "proj_hidden_dim", "proj_dim")
     base.check_num_views(cfg, 2)
 
@@ -67,6 +71,6 @@ class BarlowTwins(base.Method):
     (_, z2, _), batch_stats = base.apply_train(self.network, params, batch_stats, x2, base.dropout_key(rng, 1))
     m = self.config.method
     loss = losses.barlow_twins_loss(z1, z2, m.lambd, global_sum=parallel.sum)
-    scaled = loss / m.official_gradient_gpus if m.official_gradient_gpus else loss
+    scaled = (loss / m.official_gradient_gpus if m.official_gradient_gpus else loss) * m.loss_scale
     return scaled, base.LossOutput(batch_stats=batch_stats, metrics={"barlow_loss": loss}, representation=h1,
                                    embedding=z1)
