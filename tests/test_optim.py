@@ -317,7 +317,7 @@ def test_clip_and_weight_decay_settings_are_checked():
   cfg.data_dir = "/nonexistent"
   for settings, message in [(dict(clip_per_param=3.0, clip_global_norm=1.0), "at most one of them"),
                             (dict(weight_decay_schedule="linear"), "weight_decay_schedule must be"),
-                            (dict(name="adam"), r"optimizer\.name must be adamw, lars, sgd, got .adam.")]:
+                            (dict(name="adam"), r"optimizer\.name must be adamw, lars, lars_clip, sgd, got .adam.")]:
     c = cfg.copy_and_resolve_references()
     c.optimizer.update(**settings)
     with pytest.raises(config_lib.ConfigError, match=message):
