@@ -151,10 +151,15 @@ _registered = []
 def _register_array_handler() -> None:
   if not _registered:
     default = ocp.type_handlers.get_type_handler(jax.Array)
-    # Keeps the default handler's array metadata store (orbax 0.12.8 registers ArrayHandler with one).
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL,
-        array_metadata_store=getattr(default, "_array_metadata_store", None)), override=True)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns of every override; this one is deliberate
+    try:
+      # Keeps the default handler's array metadata store (orbax 0.12.8 registers ArrayHandler with one).
+      ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL,
+          array_metadata_store=getattr(default, "_array_metadata_store", None)), override=True)
+    finally:
+      logging.set_verbosity(verbosity)
     _registered.append(True)
 
 
