@@ -478,3 +478,39 @@ def dino_diagnostics(student_logits, teacher_logits, center, student_temperature
   batch_entropy = -jnp.sum(mean_teacher * jnp.log(jnp.maximum(mean_teacher, 1e-30)))
   return {"teacher_entropy": teacher_entropy, "teacher_batch_entropy": batch_entropy,
           "kl_teacher_student": kl}
+
+
+def patchify(images, patch_size: int):
+  """[n, h, w, c] -> [n, (h/p) * (w/p), p * p * c]: patches in row-major grid order, each flattened as
+  (row within the patch, column, channel), MAE's order (models_mae.py l.95-106: einsum nchpwq->nhwpqc)."""
+  n, h, w, c = images.shape
+  p = patch_size
+  x = images.reshape(n, h // p, p, w // p, p, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def random_masking(noise, mask_ratio: float):
+  """MAE's per-example random masking (models_mae.py l.123-148) from noise [n, L] (uniform per patch):
+  the int(L * (1 - mask_ratio)) lowest-noise patches are kept. Returns (ids_keep [n, k] in the order of
+  increasing noise, mask [n, L] float32 with 1 on the masked patches in grid order, ids_restore [n, L]: the
+  position of grid patch j in (kept patches, then masked ones))."""
+  num_keep = int(noise.shape[1] * (1 - mask_ratio))
+  ids_shuffle = jnp.argsort(noise, axis=1)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1)
+  mask = (ids_restore >= num_keep).astype(jnp.float32)
+  return ids_shuffle[:, :num_keep], mask, ids_restore
+
+
+def mae_loss(pred, target, mask, norm_pix: bool = True, eps: float = 1e-6):
+  """MAE's reconstruction loss (models_mae.py l.198-214): the mean squared error per patch, averaged over
+  the masked patches only. pred, target: [n, L, p * p * c] (target = patchify(images)); mask: [n, L], 1 on
+  masked patches. norm_pix: each target patch normalized by its own mean and UNBIASED variance
+  (torch's default var, N - 1), eps 1e-6 inside the square root.
+
+  Every image masks the same number of patches, so the mean of per-device values is the global mean."""
+  if norm_pix:
+    mean = jnp.mean(target, axis=-1, keepdims=True)
+    var = jnp.var(target, axis=-1, keepdims=True, ddof=1)
+    target = (target - mean) / jnp.sqrt(var + eps)
+  per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
+  return jnp.sum(per_patch * mask) / jnp.sum(mask)

@@ -87,6 +87,14 @@ def device_index() -> jax.Array:
   return jax.lax.axis_index(DATA)
 
 
+def this_device_rows(make_global, n: int) -> jax.Array:
+  """Rows [i n, (i + 1) n) of the global array `make_global(num_devices * n)` on device i: per-example
+  random draws (MAE's masks) made for the whole global batch from a key shared by every device, so that
+  they do not depend on how the batch is split (8 devices draw what 1 device draws)."""
+  full = make_global(jax.lax.axis_size(DATA) * n)
+  return jax.lax.dynamic_slice_in_dim(full, device_index() * n, n, axis=0)
+
+
 def global_std_of_normalized(z: jax.Array) -> jax.Array:
   """Collapse indicator: mean over dimensions of the per-dimension std of L2-normalized embeddings.
 

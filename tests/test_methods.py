@@ -19,7 +19,8 @@ from ssl_jax.methods import base
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "quickstart")
 # Variants beyond imagenet / cifar10 whose settings differ enough to be checked on their own.
 EXTRA_VARIANTS = {"moco_v3": ("vit_base", "resnet50", "cifar10_resnet,tiny"),
-                  "dino": ("vit_small_800ep", "vit_base8", "resnet50", "cifar10_resnet,tiny")}
+                  "dino": ("vit_small_800ep", "vit_base8", "resnet50", "cifar10_resnet,tiny"),
+                  "mae": ("vit_large", "vit_huge")}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -91,8 +92,8 @@ def test_impossible_method_settings_stop_in_one_line(name, overrides, message):
 
 def test_registries_name_what_they_know():
   assert {"simclr", "byol", "moco", "simsiam", "barlow_twins", "vicreg"} <= set(methods.METHODS.names())
-  with pytest.raises(ConfigError, match="unknown method.name 'mae'; known: barlow_twins, byol"):
-    methods.METHODS.get("mae")
+  with pytest.raises(ConfigError, match="unknown method.name 'cpc'; known: barlow_twins, byol"):
+    methods.METHODS.get("cpc")
   assert models.MODELS.names() == ["resnet", "vit"]
   assert methods.DataFacts(50_000, 512).steps(15) == round(15 * 50_000 / 512)
 

@@ -48,7 +48,7 @@ def read_metrics(workdir):
   return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", ["simclr", "byol", "moco_v2", "simsiam", "barlow_twins", "vicreg"])
+@pytest.mark.parametrize("name", ["simclr", "byol", "moco_v2", "simsiam", "barlow_twins", "vicreg", "mae"])
 def test_config_tiny_variant_runs_and_resumes_exactly(name, data_dir, tmp_path, monkeypatch):
   """Each config's tiny variant runs 3 steps end to end; with its last checkpoint removed, it resumes
   from step 2 and redoes step 3 to the same bits: parameters, optimizer state and the method's state

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ssl_jax.methods import barlow_twins, byol, dino, moco, moco_v3, simclr, simsiam, swav, vicreg
+from ssl_jax.methods import barlow_twins, byol, dino, mae, moco, moco_v3, simclr, simsiam, swav, vicreg
 from ssl_jax.methods.base import DataFacts, Method
 from ssl_jax.errors import ConfigError
 from ssl_jax.registry import Registry
@@ -20,6 +20,7 @@ METHODS.register("vicreg")(vicreg.VICReg)
 METHODS.register("swav")(swav.SwAV)
 METHODS.register("moco_v3")(moco_v3.MoCoV3)
 METHODS.register("dino")(dino.DINO)
+METHODS.register("mae")(mae.MAE)
 
 
 def get(config, data: Optional[DataFacts] = None) -> Method:

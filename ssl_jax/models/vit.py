@@ -277,9 +277,13 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, ids_keep=None):
     """x: [n, h, w, 3] with h and w multiples of patch_size -> [n, features] float32 (features = embed_dim,
-    or 4 * embed_dim for "cls_last4")."""
+    or 4 * embed_dim for "cls_last4").
+
+    ids_keep: [n, k] int, MAE's visible patches (indices into the row-major patch grid): only those patches
+    (after their position embedding is added, models_mae.py l.150-168) and the class token go through the
+    blocks, and the call returns every token after the final LayerNorm, [n, 1 + k, embed_dim] float32."""
     n, h, w, _ = x.shape
     p, dim = self.patch_size, self.embed_dim
     if h % p or w % p:
@@ -289,8 +293,12 @@ class VisionTransformer(nn.Module):
                 bias_init=inits.patch_bias, dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
     x = x.reshape(n, (h // p) * (w // p), dim)                   # row-major, as PyTorch's flatten(2)
     cls_token = self.param("cls_token", inits.cls_token, (1, 1, dim))
-    x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (n, 1, dim)), x], axis=1)
-    x = x + self._position_table(h // p, w // p).astype(self.dtype)
+    table = self._position_table(h // p, w // p).astype(self.dtype)
+    x = x + table[:, 1:]
+    if ids_keep is not None:
+      x = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
+    cls_token = cls_token.astype(self.dtype) + table[:, :1]
+    x = jnp.concatenate([jnp.broadcast_to(cls_token, (n, 1, dim)), x], axis=1)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
     drop_path_rates = np.linspace(0.0, self.drop_path_rate, self.depth)
@@ -300,6 +308,8 @@ class VisionTransformer(nn.Module):
                 inits.dense, inits.qkv, name=f"block_{i}")(x, train)
       outputs.append(x)
     norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm")
+    if ids_keep is not None:
+      return norm(x).astype(jnp.float32)
     if self.representation == "cls":
       features = norm(x)[:, 0]
     elif self.representation == "mean":
@@ -333,6 +343,48 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
     # Other grids: the table resized, for "sincos" too (timm's behaviour; DINO only has "learned").
     return interpolate_pos_embed(table, grid_h, grid_w)
+
+
+class MAEDecoder(nn.Module):
+  """MAE's decoder (models_mae.py l.46-63, 170-196): the encoder's tokens embedded to `embed_dim`, a shared
+  mask token appended for every masked patch, the sequence unshuffled to grid order, a fixed sin-cos
+  position embedding (class slot zero) added, `depth` pre-norm blocks, a final LayerNorm and a linear
+  prediction of each patch's p * p * 3 pixels. MAE's initialization: xavier-uniform Linears (qkv fused),
+  zero biases, mask token normal(0.02).
+
+  Call: (latent [n, 1 + k, encoder_dim], ids_restore [n, L]) -> [n, L, p * p * 3] float32, the class token's
+  prediction dropped. ids_restore[i, j] is the position in (visible patches, then masked ones) of grid
+  patch j."""
+
+  patch_size: int
+  grid_size: int          # patches per side of the encoder's image_size
+  embed_dim: int = 512
+  depth: int = 8
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, latent, ids_restore, train: bool = True):
+    dense_init = nn.initializers.xavier_uniform()
+    x = nn.Dense(self.embed_dim, kernel_init=dense_init, dtype=self.dtype, name="decoder_embed")(
+        latent.astype(self.dtype))
+    n, num_patches = ids_restore.shape
+    mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.embed_dim))
+    masked = jnp.broadcast_to(mask_token.astype(self.dtype), (n, num_patches + 1 - x.shape[1], self.embed_dim))
+    patches = jnp.concatenate([x[:, 1:], masked], axis=1)
+    patches = jnp.take_along_axis(patches, ids_restore[:, :, None], axis=1)   # grid order
+    x = jnp.concatenate([x[:, :1], patches], axis=1)
+    table = np.concatenate([np.zeros((1, self.embed_dim), np.float32),
+                            sincos_2d(self.embed_dim, self.grid_size, self.grid_size, SINCOS_ORDER["mae"])])
+    x = x + jnp.asarray(table, self.dtype)[None]
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio, 0.0, 0.0, self.dtype, dense_init, dense_init,
+                name=f"decoder_block_{i}")(x, train)
+    x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="decoder_norm")(x)
+    x = nn.Dense(self.patch_size * self.patch_size * 3, kernel_init=dense_init, dtype=self.dtype,
+                 name="decoder_pred")(x)
+    return x[:, 1:].astype(jnp.float32)
 
 
 def _dims(m):
