@@ -212,6 +212,8 @@ def supervised_protocol(**settings) -> ml_collections.ConfigDict:
              optimizer="sgd", base_learning_rate=0.1, lr_scaling="linear", warmup_epochs=0.0,
              schedule="cosine", lr_drop_epochs=(), crop_scale=(0.08, 1.0), log_every_steps=50,
              representation="",  # a ViT's representation for this protocol ("": model.representation)
+             head_batchnorm=False,  # BatchNorm without affine before the classifier (MAE's linear probe)
+             head_init_std=0.0,     # 0: zero-initialized classifier (SimCLR); > 0: truncated normal (MAE: 0.01)
              checkpoint_every_steps=1000, **optimizer_settings(weight_decay=0.0, momentum=0.9, nesterov=True))
   unknown = set(settings) - set(out)
   if unknown:

@@ -34,18 +34,21 @@ from ssl_jax import guard, losses, optim, parallel
 from ssl_jax.data import augment, datasets, pipeline
 from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate import subsets
+from ssl_jax.models import initializers
 
 
 @flax.struct.dataclass
 class ClassifierState:
   """step; params: what trains ({"head"} or {"encoder", "head"}); frozen: the encoder parameters when they
-  do not train; batch_stats: the encoder's BN statistics; opt_state."""
+  do not train; batch_stats: the encoder's BN statistics; opt_state; head_stats: the classifier's BN
+  statistics (empty without head_batchnorm)."""
 
   step: jax.Array
   params: Any
   frozen: Any
   batch_stats: Any
   opt_state: Any
+  head_stats: Any = flax.struct.field(default_factory=dict)  # the head's BN statistics (head_batchnorm)
 
 
 def train_view(crop_size: int, crop_scale) -> Dict[str, Any]:
@@ -55,6 +58,43 @@ def train_view(crop_size: int, crop_scale) -> Dict[str, Any]:
   view.update(crop_size=crop_size, crop_scale=tuple(crop_scale), flip_prob=0.5, color_jitter_prob=0.0,
               grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
   return view
+
+
+class BatchNormLinear(nn.Module):
+  """MAE's linear-probe head (main_linprobe.py: the head becomes Sequential(BatchNorm1d(affine=False,
+  eps=1e-6), Linear)): a parameter-free normalization of the features before the classifier. Its statistics
+  are the global batch's (one jit over the mesh; main_linprobe.py's are per GPU); running averages with
+  PyTorch's momentum 0.1 at test time."""
+
+  num_classes: int
+  kernel_init: Callable
+
+  @nn.compact
+  def __call__(self, h, train: bool):
+    h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6, use_scale=False, use_bias=False,
+                     name="bn")(h)
+    return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="linear")(h)
+
+
+def classifier_head(p, num_classes: int) -> nn.Module:
+  """The protocol's classifier: a linear layer, zero-initialized (SimCLR's zero_init_logits_layer) or
+  drawn from timm's trunc_normal_ with std head_init_std (MAE: 0.01), after BatchNormLinear's
+  normalization with head_batchnorm."""
+  std = p.get("head_init_std", 0.0)
+  init = initializers.trunc_normal(std) if std else nn.initializers.zeros
+  if p.get("head_batchnorm", False):
+    return BatchNormLinear(num_classes, init, name="head")
+  return nn.Dense(num_classes, kernel_init=init, name="head")
+
+
+def apply_head(head: nn.Module, params, head_stats, h, train: bool):
+  """(logits, new head_stats); a head without batch norm has empty statistics."""
+  variables = {"params": params, **({"batch_stats": head_stats} if head_stats else {})}
+  if train and head_stats:
+    logits, updates = head.apply(variables, h, train=True, mutable=["batch_stats"])
+    return logits, updates["batch_stats"]
+  kwargs = {"train": train} if isinstance(head, BatchNormLinear) else {}
+  return head.apply(variables, h, **kwargs), head_stats
 
 
 def make_step(method, head: nn.Module, tx, schedule: Callable, train_encoder: bool, represent: Callable,
@@ -74,16 +114,16 @@ def make_step(method, head: nn.Module, tx, schedule: Callable, train_encoder: bo
       else:
         h = jax.lax.stop_gradient(represent(state.frozen, state.batch_stats, x))
         batch_stats = state.batch_stats
-      logits = head.apply({"params": params["head"]}, h.astype(jnp.float32))
-      return losses.softmax_cross_entropy(logits, y), (batch_stats, logits)
+      logits, head_stats = apply_head(head, params["head"], state.head_stats, h.astype(jnp.float32), True)
+      return losses.softmax_cross_entropy(logits, y), (batch_stats, head_stats, logits)
 
-    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (batch_stats, head_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
                "learning_rate": schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                         head_stats=head_stats), metrics
 
   return step
 
@@ -117,14 +157,17 @@ def build(p, method, variables: Optional[Dict[str, Any]], mesh, schedule: Callab
   x0 = jnp.zeros((1, info.image_size, info.image_size, 3))
   feature_dim = jax.eval_shape(represent, variables["params"] if variables else None,
                                variables["batch_stats"] if variables else None, x0).shape[-1]
-  head = nn.Dense(info.num_classes, kernel_init=nn.initializers.zeros, name="head")
-  params = {"head": head.init(jax.random.key(seed), jnp.zeros((1, feature_dim)))["params"]}
+  head = classifier_head(p, info.num_classes)
+  head_variables = head.init(jax.random.key(seed), jnp.zeros((1, feature_dim)),
+                             **({"train": False} if isinstance(head, BatchNormLinear) else {}))
+  params = {"head": head_variables["params"]}
   frozen = variables["params"] if variables else {}
   if train_encoder:
     params["encoder"], frozen = frozen, {}
   tx = optim.build(p, params, schedule, batch_size=p.batch_size, total_steps=total_steps, where=where)
   state = ClassifierState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                          batch_stats=variables["batch_stats"] if variables else {}, opt_state=tx.init(params))
+                          batch_stats=variables["batch_stats"] if variables else {}, opt_state=tx.init(params),
+                          head_stats=head_variables.get("batch_stats", {}))
   state = parallel.replicate(mesh, state)
   step_fn = jax.jit(make_step(method, head, tx, schedule, train_encoder, represent, representation, seed),
                     in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
@@ -136,7 +179,7 @@ def build(p, method, variables: Optional[Dict[str, Any]], mesh, schedule: Callab
                            representation)
     else:
       h = represent(state.frozen, state.batch_stats, x)
-    return head.apply({"params": state.params["head"]}, h.astype(jnp.float32))
+    return apply_head(head, state.params["head"], state.head_stats, h.astype(jnp.float32), False)[0]
 
   return state, step_fn, jax.jit(predict, out_shardings=parallel.batch_sharded(mesh))
 
