@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Set, Tuple
 
 import ml_collections
 
-from ssl_jax import methods, models
+from ssl_jax import methods, models, parallel
 from ssl_jax.data import datasets, views
 from ssl_jax.errors import ConfigError
 
@@ -42,6 +42,11 @@ def base_config(method: str, model: str = "resnet") -> ml_collections.ConfigDict
   cfg.normalize_inputs = True     # subtract the dataset mean, divide by its std (SimCLR's code does not)
   cfg.online_probe = True         # linear classifier on stop-gradient features, trained alongside
   cfg.skip_nonfinite_steps = 0    # 0: stop at the first step with a NaN/Inf; N: skip such updates, stop after N in a row
+  # The train state's layout over the mesh: "replicated" (every device holds all of it) or "fsdp" (fully
+  # sharded data parallel: parameters, optimizer state and targets split over the data axis, gathered in
+  # the step; arrays of fewer than fsdp_min_size elements stay replicated). parallel.state_shardings.
+  cfg.sharding = "replicated"
+  cfg.fsdp_min_size = 2**14
 
   cfg.model = models.default_config(model)
 
@@ -314,6 +319,9 @@ def validate(cfg, num_devices: int, num_processes: int = 1, platform: str = "") 
     fail("data_dir is not set: pass --config.data_dir=DIR (a prepared TFDS directory)")
   if cfg.batch_size <= 0:
     fail(f"batch_size must be positive, got {cfg.batch_size}")
+  if cfg.sharding not in parallel.SHARDINGS or cfg.fsdp_min_size < 1:
+    fail(f"sharding must be one of {', '.join(parallel.SHARDINGS)} and fsdp_min_size >= 1, got "
+         f"{cfg.sharding!r} and {cfg.fsdp_min_size}")
   if cfg.batch_size % num_devices:
     fail(f"batch_size={cfg.batch_size} is not divisible by the {num_devices} devices; "
          f"use a multiple of {num_devices}")

@@ -59,6 +59,55 @@ def to_global(mesh: Mesh, local_tree: Any, stacked: bool = False) -> Any:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_tree)
 
 
+SHARDINGS = ("replicated", "fsdp")
+
+
+def fsdp_spec(shape, num_devices: int, min_size: int) -> P:
+  """Where fully sharded data parallelism (ZeRO-3 / FSDP) puts one array: split over the data axis along
+  its largest dimension divisible by the number of devices, or replicated when it has fewer than min_size
+  elements (biases, norms, scalars: gathering them costs more than holding them) or no such dimension."""
+  if int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  axes = [a for a in np.argsort(shape, kind="stable")[::-1] if shape[a] % num_devices == 0]
+  if not axes:
+    return P()
+  return P(*([None] * int(axes[0])), DATA)
+
+
+def state_shardings(mesh: Mesh, tree: Any, mode: str = "replicated", min_size: int = 2**14) -> Any:
+  """One NamedSharding per leaf of `tree` (arrays or shape structs): every leaf replicated, or with
+  mode="fsdp" laid out by fsdp_spec. Under "fsdp" the train step's collectives stay where they are: the
+  shard_map region takes the parameters replicated, so XLA gathers them (all-gather) on entry, and the
+  gradients leave it constrained to this layout (a reduce-scatter), so the optimizer's state and math are
+  split over the devices."""
+  if mode not in SHARDINGS:
+    raise ValueError(f"sharding must be one of {SHARDINGS}, got {mode!r}")
+  if mode == "replicated":
+    return jax.tree.map(lambda _: replicated(mesh), tree)
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), mesh.size, min_size)), tree)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Places a pytree on the devices with one sharding per leaf (state_shardings). Every leaf gets its own
+  buffer, so leaves that started as the same array (a target network initialized from the online one, a
+  classifier's frozen copy of a restored encoder) can all be donated: host arrays and arrays this process
+  holds whole go through a host copy; arrays split over several processes (an FSDP state restored on a
+  pod) are copied on the devices."""
+  leaves, treedef = jax.tree.flatten(tree)
+  targets = treedef.flatten_up_to(shardings)
+  out = [None] * len(leaves)
+  split = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+  for i, x in enumerate(leaves):
+    if i not in split:
+      out[i] = jax.device_put(np.array(x), targets[i])
+  if split:
+    copies = jax.jit(lambda xs: [jnp.copy(x) for x in xs], out_shardings=[targets[i] for i in split])(
+        [leaves[i] for i in split])
+    for i, x in zip(split, copies):
+      out[i] = x
+  return treedef.unflatten(out)
+
+
 def replicate(mesh: Mesh, tree: Any) -> Any:
   """Places a pytree on every device (identical on every process). Each leaf gets its own buffer (via
   a host copy), so leaves that started as the same array (a target network initialized from the online

@@ -119,6 +119,10 @@ def make_train_step(config, method, tx, schedule: Callable, mesh, num_classes: i
 
     (loss, (batch_stats, metrics, state_stats, per_example, embedding)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
+    if config.sharding != "replicated":
+      # The gradients in the parameters' layout: a reduce-scatter, and the optimizer's math on shards.
+      grads = jax.lax.with_sharding_constraint(
+          grads, parallel.state_shardings(mesh, grads, config.sharding, config.fsdp_min_size))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = dict(method.after_update({k: v for k, v in params.items() if k != "online_probe"}, state.step),
@@ -146,12 +150,14 @@ def make_train_step(config, method, tx, schedule: Callable, mesh, num_classes: i
   return step_fn
 
 
-def jit_train_step(step_fn, mesh):
-  return jax.jit(step_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)), donate_argnums=0)
+def jit_train_step(step_fn, mesh, state_sharding=None):
+  """state_sharding: the state's layout (parallel.state_shardings; None: replicated)."""
+  state_sharding = state_sharding or parallel.replicated(mesh)
+  return jax.jit(step_fn, in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+                 out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
 
 
-def jit_train_loop(step_fn, mesh):
+def jit_train_loop(step_fn, mesh, state_sharding=None):
   """loop(state, batches) -> (state, metrics): one step per batch of `batches` (stacked on a leading axis of
   config.steps_per_loop) in one compiled call, a lax.scan of the same step; each metric comes back stacked.
 
@@ -162,13 +168,14 @@ def jit_train_loop(step_fn, mesh):
   (five alternated rounds): k = 2 and 4 made a step 11% and 16% faster than k = 1. config.validate turns
   down k > 1 with conv_impl=xla on CPU: XLA:CPU leaves the convolution gradients inside the loop on its
   generic emitter (models/conv.py, _xla_conv_input_grad)."""
+  state_sharding = state_sharding or parallel.replicated(mesh)
   return jax.jit(lambda state, batches: jax.lax.scan(step_fn, state, batches),
-                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh, stacked=True)),
-                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)), donate_argnums=0)
+                 in_shardings=(state_sharding, parallel.batch_sharded(mesh, stacked=True)),
+                 out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
 
 
 def build(config, mesh, num_train_examples: int, num_classes: int):
-  """Resolved config, method, initial state (replicated on the mesh), the jitted step, the jitted loop of
+  """Resolved config, method, initial state (on the mesh in config.sharding's layout), the jitted step, the jitted loop of
   config.steps_per_loop steps (None when that is 1) and the schedule."""
   config = config_lib.resolve(config, num_train_examples)
   method = methods.get(config, methods.DataFacts(num_train_examples, config.batch_size))
@@ -178,10 +185,11 @@ def build(config, mesh, num_train_examples: int, num_classes: int):
   schedule = optim.learning_rate(opt, optim.peak_learning_rate(config), config.total_steps,
                                  num_train_examples / config.batch_size, end, start)
   state, tx = create_train_state(config, method, schedule, num_classes)
-  state = parallel.replicate(mesh, state)
+  sharding = parallel.state_shardings(mesh, state, config.sharding, config.fsdp_min_size)
+  state = parallel.place(state, sharding)
   step = make_train_step(config, method, tx, schedule, mesh, num_classes)
-  loop_fn = jit_train_loop(step, mesh) if config.steps_per_loop > 1 else None
-  return config, method, state, jit_train_step(step, mesh), loop_fn, schedule
+  loop_fn = jit_train_loop(step, mesh, sharding) if config.steps_per_loop > 1 else None
+  return config, method, state, jit_train_step(step, mesh, sharding), loop_fn, schedule
 
 
 FINITE = "finite"  # the metrics entry holding guard.finite_flags (not written as a metric)

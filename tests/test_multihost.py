@@ -79,14 +79,17 @@ def final_params(workdir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """A two-process run stopped at step 2 and resumed to step 4, and an uninterrupted one-process run on
-  8 devices reading the same 2 input shards. (Each multi-process launch costs about a minute of the 2
-  cores, so one pair of runs serves the three checks below.)"""
+  8 devices reading the same 2 input shards. The two-process run resumes fully sharded (config.sharding=
+  "fsdp"): its replicated checkpoint restores into the split layout across the processes, and its steps
+  must still equal the replicated one-process run's. (Each multi-process launch costs about a minute of the
+  2 cores, so one pair of runs serves the three checks below.)"""
   root = tmp_path_factory.mktemp("multihost")
   run_processes("ssl_jax.main", TRAIN_ARGS + [f"--workdir={root / 'two'}", "--stop_at_step=2"])
   root.joinpath("steps_after_stop").write_text(json.dumps(
       ckpt_lib.Manager(str(root / "two"), config_lib.load(f"{REPO}/configs/simclr.py:cifar10,tiny"),
                        create=False).all_steps()))
-  outs = run_processes("ssl_jax.main", TRAIN_ARGS + [f"--workdir={root / 'two'}"])
+  outs = run_processes("ssl_jax.main", TRAIN_ARGS + [f"--workdir={root / 'two'}", "--config.sharding=fsdp",
+                                                     "--config.fsdp_min_size=256"])
   root.joinpath("resume_log").write_text(outs[0][1])
   run_single("ssl_jax.main", TRAIN_ARGS + [f"--workdir={root / 'one'}", "--config.data_shards=2"])
   return root
@@ -95,6 +98,7 @@ def runs(tmp_path_factory):
 def test_two_processes_equal_one_process_with_eight_devices(runs):
   two, one = losses(runs / "two"), losses(runs / "one")
   assert [s for s, _ in two] == [1, 2, 3, 4]
+  assert json.loads((runs / "two" / "config.json").read_text())["sharding"] == "fsdp"
   np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(final_params(runs / "two")), jax.tree.leaves(final_params(runs / "one"))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

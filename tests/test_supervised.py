@@ -32,14 +32,14 @@ def random_batch(n=16, seed=0):
   return {"image": rng.random((n, 32, 32, 3), dtype=np.float32), "label": rng.integers(0, 10, n).astype(np.int32)}
 
 
-def run_steps(cfg, protocol, mesh, num_steps=2):
+def run_steps(cfg, protocol, mesh, num_steps=2, sharding="replicated"):
   p = cfg.eval[protocol]
   method = methods.get(cfg)
   variables = method.evaluation_encoder().init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
                                                train=False)
   schedule = optim.warmup_cosine(1.0, 0, 10)
   state, step_fn, _ = supervised.build(p, method, dict(variables), mesh, schedule,
-                                       datasets.get("cifar10"), seed=0)
+                                       datasets.get("cifar10"), seed=0, sharding=sharding, fsdp_min_size=256)
   losses = []
   for i in range(num_steps):
     state, metrics = step_fn(state, parallel.to_global(mesh, random_batch(seed=i)))
@@ -73,6 +73,26 @@ def test_sharded_step_equals_single_device(protocol, head_batchnorm):
     changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(one.batch_stats),
                                                        jax.tree.leaves(variables["batch_stats"]))]
     assert all(changed)  # batch norm ran in training mode and updated every running statistic
+
+
+@pytest.mark.parametrize("protocol", ["finetune", "paper_linear"])
+def test_fsdp_equals_replicated(protocol):
+  """The protocols under config.sharding="fsdp": the encoder (trained or frozen) and the optimizer state
+  split over 8 devices, the same losses and parameters as replicated."""
+  cfg = tiny_config()
+  rep, losses_rep, _ = run_steps(cfg, protocol, parallel.make_mesh())
+  fsdp, losses_fsdp, _ = run_steps(cfg, protocol, parallel.make_mesh(), sharding="fsdp")
+  np.testing.assert_allclose(losses_fsdp, losses_rep, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((fsdp.params, fsdp.batch_stats)), jax.tree.leaves((rep.params, rep.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  method = methods.get(cfg)
+  variables = method.evaluation_encoder().init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
+                                               train=False)
+  state, _, _ = supervised.build(cfg.eval[protocol], method, dict(variables), parallel.make_mesh(),
+                                 optim.warmup_cosine(1.0, 0, 10), datasets.get("cifar10"), seed=0,
+                                 sharding="fsdp", fsdp_min_size=256)
+  encoder = state.params["encoder"] if protocol == "finetune" else state.frozen
+  assert any(x.sharding.spec != jax.sharding.PartitionSpec() for x in jax.tree.leaves(encoder))
 
 
 def test_batchnorm_head_is_maes():

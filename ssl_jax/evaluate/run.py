@@ -45,7 +45,9 @@ class Encoder:
     self.method = methods.get(cfg, methods.DataFacts(num_train, cfg.batch_size))
     schedule = optim.warmup_cosine(1.0, 0, cfg.total_steps)
     state, _ = train.create_train_state(cfg, self.method, schedule, self.info.num_classes)
-    self.initial_state = parallel.replicate(mesh, state)
+    # The pre-training run's layout (config.sharding): a checkpoint restores into either layout.
+    self.initial_state = parallel.place(state, parallel.state_shardings(mesh, state, cfg.sharding,
+                                                                        cfg.fsdp_min_size))
     # Every protocol reads the method's representation (method.represent of method.encoder_variables).
     self._represent = jax.jit(self.method.represent, out_shardings=parallel.batch_sharded(mesh))
 

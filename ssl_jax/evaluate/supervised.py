@@ -8,7 +8,8 @@ images (random resized crop + horizontal flip), then scored once on the centre-c
 * finetune: the whole encoder trains with the classifier, batch norm in training mode.
 * semi: finetune on a fraction of the labels (ssl_jax/evaluate/subsets.py).
 
-The step is one jit in the global view: state replicated, the batch sharded over the mesh's "data" axis.
+The step is one jit in the global view: the state replicated (or split, config.sharding="fsdp"), the batch
+sharded over the mesh's "data" axis.
 Batch norm reduces over the batch axis of the global array, so its statistics are global (XLA inserts the
 cross-device reduction), and the step computes the same numbers on 1 device, 8 devices or several
 processes (tests/test_evaluate.py). Test batches are padded and masked (pipeline.eval_batches), so every
@@ -98,10 +99,11 @@ def apply_head(head: nn.Module, params, head_stats, h, train: bool):
 
 
 def make_step(method, head: nn.Module, tx, schedule: Callable, train_encoder: bool, represent: Callable,
-              representation: Optional[str], seed: int):
+              representation: Optional[str], seed: int, grad_sharding: Optional[Callable] = None):
   """step(state, batch {"image", "label"}) -> (state, metrics). represent(frozen, batch_stats, x) is the
   frozen representation (used when not train_encoder); a trained encoder runs through the method's
-  represent_train with `representation`, its dropout / drop-path key folded from `seed` and the step."""
+  represent_train with `representation`, its dropout / drop-path key folded from `seed` and the step.
+  grad_sharding(grads): the layout the gradients are constrained to (FSDP), or None."""
 
   def step(state: ClassifierState, batch):
     x, y = batch["image"], batch["label"]
@@ -118,6 +120,8 @@ def make_step(method, head: nn.Module, tx, schedule: Callable, train_encoder: bo
       return losses.softmax_cross_entropy(logits, y), (batch_stats, head_stats, logits)
 
     (loss, (batch_stats, head_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if grad_sharding is not None:
+      grads = jax.lax.with_sharding_constraint(grads, grad_sharding(grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
@@ -141,14 +145,17 @@ def check_batch(cfg, p, name: str, num_devices: int, num_processes: int) -> None
 
 
 def build(p, method, variables: Optional[Dict[str, Any]], mesh, schedule: Callable, info, seed: int,
-          represent: Optional[Callable] = None, total_steps: Optional[int] = None, where: str = "eval"):
+          represent: Optional[Callable] = None, total_steps: Optional[int] = None, where: str = "eval",
+          sharding: str = "replicated", fsdp_min_size: int = 2**14):
   """(initial state replicated on the mesh, jitted step, jitted predict(state, x) -> logits) of one
   protocol's classifier on the representation of `method` (ssl_jax.methods: its `represent`, the same as
   kNN's and the online probe's, with the protocol's `representation` where set). variables: the
   encoder's {"params", "batch_stats"} (method.encoder_variables), or None with a custom
   `represent(params, batch_stats, x)` (the raw-pixel baseline). The optimizer is optim.build's from the
   protocol's section `p` (SGD, Nesterov by default; weight decay on weights only); total_steps: the run's
-  (read by a cosine weight decay); where: the section's name in error messages ("eval.finetune")."""
+  (read by a cosine weight decay); where: the section's name in error messages ("eval.finetune");
+  sharding, fsdp_min_size: the state's layout (config.sharding: the encoder, the classifier and the
+  optimizer state replicated or split over the devices)."""
   train_encoder = bool(p.train_encoder)
   representation = p.get("representation") or None
   if represent is None:
@@ -168,10 +175,13 @@ def build(p, method, variables: Optional[Dict[str, Any]], mesh, schedule: Callab
   state = ClassifierState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                           batch_stats=variables["batch_stats"] if variables else {}, opt_state=tx.init(params),
                           head_stats=head_variables.get("batch_stats", {}))
-  state = parallel.replicate(mesh, state)
-  step_fn = jax.jit(make_step(method, head, tx, schedule, train_encoder, represent, representation, seed),
-                    in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                    out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)), donate_argnums=0)
+  layout = lambda tree: parallel.state_shardings(mesh, tree, sharding, fsdp_min_size)
+  state_sharding = layout(state)
+  state = parallel.place(state, state_sharding)
+  step_fn = jax.jit(make_step(method, head, tx, schedule, train_encoder, represent, representation, seed,
+                              None if sharding == "replicated" else layout),
+                    in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+                    out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
 
   def predict(state, x):
     if train_encoder:
@@ -206,7 +216,7 @@ def train_and_score(cfg, protocol: str, method, variables: Optional[Dict[str, An
   schedule = optim.learning_rate(p, peak, total_steps, steps_per_epoch)
 
   state, step_fn, predict = build(p, method, variables, mesh, schedule, info, cfg.seed, represent,
-                                  total_steps, f"eval.{protocol}")
+                                  total_steps, f"eval.{protocol}", cfg.sharding, cfg.fsdp_min_size)
   manager, start_step = None, 0
   if checkpoint_dir is not None:
     manager = ckpt_lib.Manager(None, cfg, directory=checkpoint_dir)

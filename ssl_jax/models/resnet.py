@@ -22,6 +22,13 @@ from ssl_jax.models.conv import conv_class
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def _last_bn_scale_init(zero: bool):
+  """The scale init of each block's last BN: zeros (Goyal et al. 2017), as the SimCLR and BYOL code and
+  torchvision's zero_init_residual=True (Barlow Twins, SimSiam, VICReg, MoCo v3) do, so that every block
+  starts as its shortcut; ones for torchvision's default (MoCo v1/v2, SwAV, DINO)."""
+  return nn.initializers.zeros if zero else nn.initializers.ones
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions (ResNet-18/34)."""
 
@@ -29,6 +36,7 @@ class BasicBlock(nn.Module):
   strides: int
   conv: Callable[..., nn.Module]
   norm: Callable[..., nn.Module]
+  zero_init_residual: bool = True
   expansion = 1
 
   @nn.compact
@@ -37,8 +45,7 @@ class BasicBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters, (3, 3))(y)
-    # Zero-init of the last BN scale in each block (Goyal et al. 2017) is what the SimCLR/BYOL code does.
-    y = self.norm(scale_init=nn.initializers.zeros)(y)
+    y = self.norm(scale_init=_last_bn_scale_init(self.zero_init_residual))(y)
     if residual.shape != y.shape:
       residual = self.conv(self.filters, (1, 1), (self.strides, self.strides), name="proj_conv")(residual)
       residual = self.norm(name="proj_bn")(residual)
@@ -52,6 +59,7 @@ class BottleneckBlock(nn.Module):
   strides: int
   conv: Callable[..., nn.Module]
   norm: Callable[..., nn.Module]
+  zero_init_residual: bool = True
   expansion = 4
 
   @nn.compact
@@ -61,7 +69,7 @@ class BottleneckBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters * 4, (1, 1))(y)
-    y = self.norm(scale_init=nn.initializers.zeros)(y)
+    y = self.norm(scale_init=_last_bn_scale_init(self.zero_init_residual))(y)
     if residual.shape != y.shape:
       residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides), name="proj_conv")(residual)
       residual = self.norm(name="proj_bn")(residual)
@@ -89,6 +97,7 @@ class ResNet(nn.Module):
     dtype: compute dtype (bfloat16 on TPU); parameters stay float32 and the output is cast to float32.
     bn_axis_name: mesh axis for cross-device batch statistics, None for per-device statistics.
     bn_momentum: running-average decay of the BN statistics (0.9 in the SimCLR and BYOL code).
+    zero_init_residual: the last BN scale of each residual block starts at 0 (True) or 1 (_last_bn_scale_init).
     conv_impl: "xla" (flax.linen.Conv), "patches" (faster kernel gradients on CPU) or "winograd" (3x3
       convolutions by Winograd F(4x4, 3x3), fastest on CPU at width 64); see models/conv.py.
   """
@@ -102,6 +111,7 @@ class ResNet(nn.Module):
   bn_axis_name: Optional[str] = None
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  zero_init_residual: bool = True
   conv_impl: str = "xla"
 
   @nn.compact
@@ -129,7 +139,8 @@ class ResNet(nn.Module):
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = self.block_cls(width * 2**stage, strides, conv=conv, norm=norm)(x)
+        x = self.block_cls(width * 2**stage, strides, conv=conv, norm=norm,
+                           zero_init_residual=self.zero_init_residual)(x)
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
 
@@ -144,14 +155,15 @@ def create_resnet(depth: int, **kwargs) -> ResNet:
 def default_config() -> dict:
   """The `model.*` settings of model.name="resnet" (ResNet-50, ImageNet stem)."""
   return dict(name="resnet", depth=50, width=64, width_multiplier=1, cifar_stem=False, dtype="float32",
-              bn_momentum=0.9,
+              bn_momentum=0.9, zero_init_residual=True,
               conv_impl="xla")  # CPU only: "patches", "winograd" (models/conv.py; benchmarks/simclr_step.py)
 
 
 def build(m, dtype, bn_axis_name: Optional[str]) -> ResNet:
   """The ResNet of the `model.*` settings `m`."""
   return create_resnet(m.depth, width=m.width, width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem,
-                       dtype=dtype, bn_axis_name=bn_axis_name, bn_momentum=m.bn_momentum, conv_impl=m.conv_impl)
+                       dtype=dtype, bn_axis_name=bn_axis_name, bn_momentum=m.bn_momentum,
+                       zero_init_residual=m.zero_init_residual, conv_impl=m.conv_impl)
 
 
 def apply_tiny(m) -> None:
