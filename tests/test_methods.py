@@ -115,3 +115,18 @@ def test_online_probe_ignores_unlabelled_examples_over_devices():
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   np.testing.assert_allclose(acc, want_acc, rtol=1e-6)
   assert jnp.isfinite(loss)
+
+
+def test_resnet_zero_init_residual_follows_the_recipe():
+  """The blocks' last BN scale starts at 0 (SimCLR/BYOL code, torchvision's zero_init_residual=True) or at 1
+  (torchvision's default, which DINO's ResNets use)."""
+  def last_bn_scales(cfg):
+    params = models.build(cfg.model).init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
+    return [np.asarray(block["BatchNorm_1"]["scale"]) for name, block in params["params"].items()
+            if name.startswith("BasicBlock")]
+  simclr = config_lib.load(f"{REPO}/configs/simclr.py:cifar10,tiny")
+  dino = config_lib.load(f"{REPO}/configs/dino.py:cifar10_resnet,tiny")
+  assert simclr.model.zero_init_residual and not dino.model.zero_init_residual
+  zeros, ones = last_bn_scales(simclr), last_bn_scales(dino)
+  assert len(zeros) == len(ones) == 8
+  assert all(not np.any(s) for s in zeros) and all(np.all(s == 1.0) for s in ones)

@@ -81,11 +81,6 @@ class DINO(base.Method):
   @classmethod
   def apply_tiny(cls, cfg):
     cfg.method.update(out_dim=256, hidden_dim=128, bottleneck_dim=64)
-    if cfg.model.name == "resnet":
-      # Batch norm in the head (main_dino.py --use_bn_in_head; solo-learn's use_bn_in_head): without it the
-      # width-16 ResNet-18's teacher goes uniform within 60 steps on the embedded data, at teacher
-      # temperature 0.07 or 0.04, learning rate 0.3 or 0.03, and with the full-size head (configs/dino.py).
-      cfg.method.use_bn_in_head = True
 
   def __init__(self, config, data=None):
     super().__init__(config, data)
