@@ -8,4 +8,9 @@ import os as _os
 # exit) unless TF_CPP_MIN_LOG_LEVEL is 2 when it loads; jax's import sets it to 1 when it is unset, so it
 # is set here, before anything imports jax. A value the user set is kept.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# On CPUs where TensorFlow turns its oneDNN kernels on (e.g. AMD EPYC, recent Xeons) it says so in two
+# C++ log lines that TF_CPP_MIN_LOG_LEVEL does not hold back, and its numerics then depend on the CPU.
+# Off by default: the input pipeline gives the same images on every host whatever its CPU, and bad input
+# still prints one error line. A value the user set is kept.
+_os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 del _os
