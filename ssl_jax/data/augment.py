@@ -7,8 +7,9 @@ this to resume a run by skipping elements.
 A view is described by a plain dict or ml_collections.ConfigDict whose keys are those of VIEW_DEFAULTS. The
 ops run in the order of SimCLR (Chen et al. 2020, Appendix A) and BYOL (Grill et al. 2020, Appendix B):
     random resized crop -> horizontal flip -> colour jitter (p) -> grayscale (p) -> Gaussian blur (p)
-    -> solarize (p).
-All images after the crop are float32 in [0, 1].
+    -> solarize (p) -> RandAugment (randaugment.py; supervised fine-tuning only);
+and random erasing after the mean/std normalization (erase_views). All images after the crop are float32 in
+[0, 1].
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
 
 import tensorflow as tf
 
+from ssl_jax.data import randaugment
 from ssl_jax.data.views import VIEW_DEFAULTS
 
 _JITTER_IMPLS = ("simclrv1", "simclrv2")
@@ -26,6 +28,9 @@ _JITTER_IMPLS = ("simclrv1", "simclrv2")
 # view enables, so changing e.g. blur_prob does not change the crops.
 (_SEED_CROP, _SEED_FLIP, _SEED_JITTER_APPLY, _SEED_JITTER, _SEED_GRAY, _SEED_BLUR_APPLY, _SEED_BLUR_SIGMA,
  _SEED_SOLARIZE, _NUM_SEEDS) = range(9)
+# Later additions fold these into the view's seed instead of widening the split above, which would change
+# every existing view's draws.
+_FOLD_RANDAUGMENT, _FOLD_ERASE = _NUM_SEEDS, _NUM_SEEDS + 1
 
 
 def _resolve_view(view: Mapping) -> Dict[str, Any]:
@@ -58,6 +63,14 @@ def _resolve_view(view: Mapping) -> Dict[str, Any]:
       raise ValueError(f"view key {key!r} is a magnitude >= 0, got {cfg[key]!r}")
   if cfg["hue"] > 0.5:
     raise ValueError(f"hue must be <= 0.5 (a half turn of the hue circle), got {cfg['hue']!r}")
+  if int(cfg["randaugment_layers"]) != cfg["randaugment_layers"] or cfg["randaugment_layers"] < 0:
+    raise ValueError(f"randaugment_layers must be an int >= 0, got {cfg['randaugment_layers']!r}")
+  cfg["randaugment_layers"] = int(cfg["randaugment_layers"])
+  if not 0 <= cfg["randaugment_magnitude"] <= randaugment.MAX_MAGNITUDE or cfg["randaugment_magnitude_std"] < 0:
+    raise ValueError(f"randaugment_magnitude must lie in [0, 10] and randaugment_magnitude_std be >= 0, got "
+                     f"{cfg['randaugment_magnitude']!r}, {cfg['randaugment_magnitude_std']!r}")
+  if not 0 <= cfg["erase_prob"] <= 1:
+    raise ValueError(f"view key 'erase_prob' is a probability, got {cfg['erase_prob']!r}")
   return cfg
 
 
@@ -207,13 +220,15 @@ def solarize(image: tf.Tensor, threshold: float = 0.5) -> tf.Tensor:
   return tf.where(image >= threshold, 1.0 - image, image)
 
 
-def view_transform(view: Mapping, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """One augmented view of an image.
+def view_transform(view: Mapping, image: tf.Tensor, seed: tf.Tensor,
+                   mean: Sequence[float] = (0.5, 0.5, 0.5)) -> tf.Tensor:
+  """One augmented view of an image (random erasing, which follows normalization, is erase_views).
 
   Args:
     view: dict or ConfigDict with keys of VIEW_DEFAULTS (missing keys take the defaults).
     image: uint8 [H, W, 3], any size.
     seed: int32/int64 [2]; the output is a deterministic function of (view, image, seed).
+    mean: the dataset's per-channel mean in [0, 1]: RandAugment's fill for uncovered pixels.
   Returns:
     float32 [crop_size, crop_size, 3] in [0, 1], not mean/std normalized.
   Raises:
@@ -239,22 +254,43 @@ def view_transform(view: Mapping, image: tf.Tensor, seed: tf.Tensor) -> tf.Tenso
   out = _maybe_apply(blur, out, cfg["blur_prob"], seeds[_SEED_BLUR_APPLY])
   out = _maybe_apply(functools.partial(solarize, threshold=cfg["solarize_threshold"]), out,
                      cfg["solarize_prob"], seeds[_SEED_SOLARIZE])
+  if cfg["randaugment_layers"]:
+    out = randaugment.rand_augment(
+        out, tf.random.experimental.stateless_fold_in(tf.convert_to_tensor(seed), _FOLD_RANDAUGMENT),
+        cfg["randaugment_layers"], cfg["randaugment_magnitude"], cfg["randaugment_magnitude_std"], mean)
   return tf.ensure_shape(out, [size, size, 3])
 
 
-def multi_view_transform(views: Sequence[Mapping], image: tf.Tensor,
-                         seed: tf.Tensor) -> Tuple[tf.Tensor, ...]:
+def multi_view_transform(views: Sequence[Mapping], image: tf.Tensor, seed: tf.Tensor,
+                         mean: Sequence[float] = (0.5, 0.5, 0.5)) -> Tuple[tf.Tensor, ...]:
   """Applies each view to `image`, view i with sub-seed i of stateless_split(seed, len(views)).
 
   Args:
     views: view configs, as for view_transform (possibly with different crop sizes, e.g. multi-crop).
     image: uint8 [H, W, 3].
     seed: int32/int64 [2].
+    mean: as for view_transform.
   Returns:
     A tuple with one float32 [crop_size_i, crop_size_i, 3] tensor in [0, 1] per view.
   """
   seeds = tf.random.experimental.stateless_split(tf.convert_to_tensor(seed), len(views))
-  return tuple(view_transform(view, image, seeds[i]) for i, view in enumerate(views))
+  return tuple(view_transform(view, image, seeds[i], mean) for i, view in enumerate(views))
+
+
+def erase_views(views: Sequence[Mapping], images: Sequence[tf.Tensor], seed: tf.Tensor,
+                fill_mean: Sequence[float], fill_std: Sequence[float]) -> Tuple[tf.Tensor, ...]:
+  """Random erasing of the views that set erase_prob, on the images multi_view_transform(views, image,
+  seed) gave after their normalization (fill_mean 0, fill_std 1 when they are normalized; the dataset's
+  mean and std when they are not, which is the same noise in pixel space)."""
+  seeds = tf.random.experimental.stateless_split(tf.convert_to_tensor(seed), len(views))
+  out = []
+  for i, (view, image) in enumerate(zip(views, images)):
+    prob = _resolve_view(view)["erase_prob"]
+    if prob > 0:
+      image = randaugment.random_erase(image, tf.random.experimental.stateless_fold_in(seeds[i], _FOLD_ERASE),
+                                       prob, fill_mean, fill_std)
+    out.append(image)
+  return tuple(out)
 
 
 def eval_transform(image: tf.Tensor, crop_size: int, crop_proportion: float) -> tf.Tensor:

@@ -187,9 +187,10 @@ def _shard_stream(cfg, builder, split: str, views, shard: int, num_shards: int, 
   def transform(count, ex):
     # (seed, position in this shard's stream, shard) -> the element's augmentation seed.
     element_seed = tf.stack([tf.constant(seed, tf.int64), count * num_shards + shard])
-    out = augment.multi_view_transform(views, ex["image"], element_seed)
+    out = augment.multi_view_transform(views, ex["image"], element_seed, mean)
     if normalize:
       out = tuple(augment.normalize(v, mean, std) for v in out)
+    out = augment.erase_views(views, out, element_seed, *(((0.,) * 3, (1.,) * 3) if normalize else (mean, std)))
     return {"views": out, "label": ex["label"], "index": ex["index"]}
 
   ds = ds.map(_graph_fn(transform), num_parallel_calls=tf.data.AUTOTUNE)

@@ -22,4 +22,9 @@ VIEW_DEFAULTS: Dict[str, Any] = {
     "blur_sigma": (0.1, 2.0),
     "solarize_prob": 0.0,
     "solarize_threshold": 0.5,
+    # Supervised fine-tuning's train view (MAE: timm rand-m9-mstd0.5-inc1, re_prob 0.25); off by default.
+    "randaugment_layers": 0,            # ops per image; 0 turns RandAugment off
+    "randaugment_magnitude": 9.0,       # in [0, 10]
+    "randaugment_magnitude_std": 0.5,   # per-op magnitude ~ N(magnitude, std), clipped to [0, 10]
+    "erase_prob": 0.0,                  # random erasing after normalization, per-pixel N(0, 1) noise
 }
