@@ -210,15 +210,30 @@ def check_optimizer(opt, where: str) -> None:
   optimizer_groups(opt.groups, where)
 
 
+HEAD_NORMS = ("none", "batchnorm", "layernorm")
+
+
 def supervised_protocol(**settings) -> ml_collections.ConfigDict:
   """Settings of one image-level evaluation protocol (ssl_jax/evaluate/supervised.py). `optimizer` names
   its optimizer, built by optim.build from this section's optimizer_settings keys."""
   out = dict(train_encoder=False, label_fractions=(1.0,), epochs=(90.0,), total_steps=0, batch_size=4096,
              optimizer="sgd", base_learning_rate=0.1, lr_scaling="linear", warmup_epochs=0.0,
              schedule="cosine", lr_drop_epochs=(), crop_scale=(0.08, 1.0), log_every_steps=50,
+             end_learning_rate=0.0,  # where the cosine ends (absolute: MAE fine-tuning's min_lr 1e-6)
              representation="",  # a ViT's representation for this protocol ("": model.representation)
-             head_batchnorm=False,  # BatchNorm without affine before the classifier (MAE's linear probe)
+             # What normalizes the features before the classifier: "none"; "batchnorm", BatchNorm without
+             # affine (MAE's linear probe); "layernorm", a LayerNorm with affine (MAE fine-tuning's fc_norm).
+             head_norm="none",
              head_init_std=0.0,     # 0: zero-initialized classifier (SimCLR); > 0: truncated normal (MAE: 0.01)
+             # MAE's fine-tuning recipe (main_finetune.py); the defaults turn each off. drop_path_rate: the
+             # ViT's stochastic depth while the encoder trains (-1: model.drop_path_rate); layer_decay: a
+             # ViT's layer-wise learning-rate decay (0: off); label_smoothing; mixup_alpha / cutmix_alpha:
+             # Beta parameters of mixup and cutmix over the batch (0: off; both set: one of the two per
+             # step, cutmix with mixup_switch_prob); randaugment_layers (0: off), randaugment_magnitude,
+             # randaugment_magnitude_std and erase_prob: the train view's RandAugment and random erasing.
+             drop_path_rate=-1.0, layer_decay=0.0, label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0,
+             mixup_switch_prob=0.5, randaugment_layers=0, randaugment_magnitude=9.0,
+             randaugment_magnitude_std=0.5, erase_prob=0.0,
              checkpoint_every_steps=1000, **optimizer_settings(weight_decay=0.0, momentum=0.9, nesterov=True))
   unknown = set(settings) - set(out)
   if unknown:
@@ -379,11 +394,34 @@ def validate_eval(cfg) -> None:
     if p.schedule not in ("cosine", "steps"):
       raise ConfigError(f"eval.{name}: schedule must be cosine or steps, got {p.schedule!r}")
     check_optimizer(p, f"eval.{name}")
+    check_finetune_recipe(cfg, p, f"eval.{name}")
     if p.representation:
       if "representation" not in cfg.model:
         raise ConfigError(f"eval.{name}.representation is a ViT setting; model.name={cfg.model.name!r} has "
                           "one representation: leave it empty")
       models.check(ml_collections.ConfigDict(dict(cfg.model.to_dict(), representation=p.representation)))
+
+
+def check_finetune_recipe(cfg, p, where: str) -> None:
+  """Raises ConfigError (one line) for a protocol's head and fine-tuning settings that cannot run."""
+  if p.head_norm not in HEAD_NORMS:
+    raise ConfigError(f"{where}.head_norm must be one of {', '.join(HEAD_NORMS)}, got {p.head_norm!r}")
+  if p.end_learning_rate < 0 or p.label_smoothing < 0 or p.label_smoothing >= 1:
+    raise ConfigError(f"{where}: end_learning_rate must be >= 0 and label_smoothing in [0, 1), got "
+                      f"{p.end_learning_rate} and {p.label_smoothing}")
+  if p.mixup_alpha < 0 or p.cutmix_alpha < 0 or not 0 <= p.mixup_switch_prob <= 1:
+    raise ConfigError(f"{where}: mixup_alpha and cutmix_alpha must be >= 0 and mixup_switch_prob in [0, 1], "
+                      f"got {p.mixup_alpha}, {p.cutmix_alpha} and {p.mixup_switch_prob}")
+  vit_only = [k for k, off in (("layer_decay", 0.0), ("drop_path_rate", -1.0)) if p[k] != off]
+  if vit_only and cfg.model.name != "vit":
+    raise ConfigError(f"{where}.{vit_only[0]} is a ViT setting; model.name={cfg.model.name!r} has no blocks: "
+                      "leave it at its default")
+  if not 0 <= p.layer_decay <= 1 or not (p.drop_path_rate == -1.0 or 0 <= p.drop_path_rate < 1):
+    raise ConfigError(f"{where}: layer_decay must be in [0, 1] (0: off) and drop_path_rate in [0, 1) or -1 "
+                      f"(the model's), got {p.layer_decay} and {p.drop_path_rate}")
+  if (p.layer_decay or p.drop_path_rate != -1.0) and not p.train_encoder:
+    raise ConfigError(f"{where}: layer_decay and drop_path_rate act on a trained encoder; this protocol's "
+                      "encoder is frozen (train_encoder=False)")
 
 
 def resolve(cfg, num_train_examples: int) -> ml_collections.ConfigDict:

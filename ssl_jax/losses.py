@@ -88,6 +88,13 @@ def softmax_cross_entropy(logits, labels):
   return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=1))
 
 
+def soft_cross_entropy(logits, targets):
+  """Mean cross-entropy against soft targets [n, c] (label smoothing, mixup, cutmix; timm's
+  SoftTargetCrossEntropy): mean_i sum_c -t_ic log softmax(logits_i)_c."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.sum(targets * log_probs, axis=-1))
+
+
 def _local_sum(x):
   """The cross-device sum on a single device: the identity. Losses that need global sums take a
   `global_sum` argument defaulting to this; under shard_map the caller passes `parallel.sum`."""
@@ -514,3 +521,4 @@ def mae_loss(pred, target, mask, norm_pix: bool = True, eps: float = 1e-6):
     target = (target - mean) / jnp.sqrt(var + eps)
   per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
   return jnp.sum(per_patch * mask) / jnp.sum(mask)
+

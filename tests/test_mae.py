@@ -176,3 +176,20 @@ def test_eight_devices_equal_one_and_the_masks_follow_the_step():
   _, _, m_first = run_steps(cfg, parallel.make_mesh(jax.devices()[:1]), batches[:1])
   np.testing.assert_allclose(m_first["loss"], first_loss, rtol=1e-5)
   assert mask.sum() == x.shape[0] * 12  # 75% of the 16 patches of each image
+
+
+@pytest.mark.parametrize("arch,blr,epochs,decay,drop_path", [
+    ("vit_base", 5e-4, 100.0, 0.65, 0.1), ("vit_large", 1e-3, 50.0, 0.75, 0.2), ("vit_huge", 1e-3, 50.0, 0.75, 0.3)])
+def test_finetune_protocol_is_the_published_recipe(arch, blr, epochs, decay, drop_path):
+  """FINETUNE.md l.63-80 and main_finetune.py's defaults (RECIPES.md section 9)."""
+  p = config_lib.load(f"{REPO}/configs/mae.py:{arch}").eval.finetune
+  assert (p.optimizer, p.base_learning_rate, p.lr_scaling, p.batch_size, tuple(p.epochs)) == (
+      "adamw", blr, "linear", 1024, (epochs,))
+  assert (p.layer_decay, p.drop_path_rate, p.warmup_epochs, p.end_learning_rate) == (decay, drop_path, 5.0, 1e-6)
+  assert (p.weight_decay, p.b1, p.b2, p.exclude_bias_and_norm) == (0.05, 0.9, 0.999, True)
+  assert set(p.no_decay_names) == {"cls_token", "pos_embed"}
+  assert (p.label_smoothing, p.mixup_alpha, p.cutmix_alpha, p.mixup_switch_prob) == (0.1, 0.8, 1.0, 0.5)
+  assert (p.randaugment_layers, p.randaugment_magnitude, p.randaugment_magnitude_std, p.erase_prob) == (
+      2, 9.0, 0.5, 0.25)
+  assert (p.representation, p.head_norm, p.head_init_std, tuple(p.crop_scale)) == ("gap", "layernorm", 2e-5,
+                                                                                    (0.08, 1.0))

@@ -52,7 +52,8 @@ def run_steps(cfg, protocol, mesh, num_steps=2, sharding="replicated"):
 def test_sharded_step_equals_single_device(protocol, head_batchnorm):
   """head_batchnorm: MAE's probe head, whose batch statistics are the global batch's on any mesh."""
   cfg = tiny_config()
-  cfg.eval[protocol].update(head_batchnorm=head_batchnorm, head_init_std=0.01 if head_batchnorm else 0.0)
+  cfg.eval[protocol].update(head_norm="batchnorm" if head_batchnorm else "none",
+                            head_init_std=0.01 if head_batchnorm else 0.0)
   one, losses1, _ = run_steps(cfg, protocol, parallel.make_mesh(jax.devices()[:1]))
   eight, losses8, variables = run_steps(cfg, protocol, parallel.make_mesh())
   np.testing.assert_allclose(losses1, losses8, rtol=1e-5)
@@ -96,11 +97,11 @@ def test_fsdp_equals_replicated(protocol):
 
 
 def test_batchnorm_head_is_maes():
-  """BatchNormLinear against the direct formula: training mode normalizes with the batch's mean and biased
+  """NormLinear("batchnorm") against the direct formula: training mode normalizes with the batch's mean and biased
   variance (eps 1e-6, no scale or shift) and moves the running statistics by 0.1; inference mode reads them."""
   rng = np.random.default_rng(0)
   h = (5.0 * rng.normal(size=(32, 6)) + 2.0).astype(np.float32)
-  p = config_lib.supervised_protocol(head_batchnorm=True, head_init_std=0.01)
+  p = config_lib.supervised_protocol(head_norm="batchnorm", head_init_std=0.01)
   head = supervised.classifier_head(p, 4)
   variables = head.init(jax.random.key(0), np.zeros((1, 6), np.float32), train=False)
   assert set(variables["params"]) == {"linear"}  # no affine parameters in the normalization
@@ -134,7 +135,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, head_batchnorm):
   """With MAE's head, its batch statistics come back from the checkpoint too."""
   cfg = tiny_config()
   cfg.eval.paper_linear.update(total_steps=4, batch_size=64, log_every_steps=1, checkpoint_every_steps=2,
-                               head_batchnorm=head_batchnorm)
+                               head_norm="batchnorm" if head_batchnorm else "none")
   raw = lambda params, batch_stats, x: features.raw_pixels(x)
 
   def run(directory):

@@ -225,7 +225,7 @@ def test_initializations():
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(arch="vit_gigantic"), dict(pos_embed="rope"), dict(init="timm"), dict(representation="gap"),
+    dict(arch="vit_gigantic"), dict(pos_embed="rope"), dict(init="timm"), dict(representation="max"),
     dict(embed_dim=100), dict(embed_dim=390, num_heads=6, pos_embed="sincos"), dict(image_size=200),
     dict(drop_path_rate=1.0), dict(dropout_rate=-0.1), dict(representation="cls_last4", depth=3),
     dict(patch_size=0),

@@ -26,16 +26,17 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
 
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import guard, losses, optim, parallel
-from ssl_jax.data import augment, datasets, pipeline
+from ssl_jax.data import augment, datasets, mixup, pipeline
 from ssl_jax.evaluate import features as features_lib
 from ssl_jax.evaluate import subsets
-from ssl_jax.models import initializers
+from ssl_jax.models import initializers, vit
 
 
 @flax.struct.dataclass
@@ -52,39 +53,52 @@ class ClassifierState:
   head_stats: Any = flax.struct.field(default_factory=dict)  # the head's BN statistics (head_batchnorm)
 
 
-def train_view(crop_size: int, crop_scale) -> Dict[str, Any]:
+def train_view(crop_size: int, crop_scale, p=None) -> Dict[str, Any]:
   """Random resized crop + flip and nothing else: SimCLR's preprocessing for linear evaluation and
-  fine-tuning (`color_distort=False`)."""
+  fine-tuning (`color_distort=False`); with protocol settings `p` that set them, RandAugment after the flip
+  and random erasing (MAE's fine-tuning: timm's create_transform with auto_augment rand-m9-mstd0.5-inc1,
+  re_prob 0.25)."""
   view = dict(augment.VIEW_DEFAULTS)
   view.update(crop_size=crop_size, crop_scale=tuple(crop_scale), flip_prob=0.5, color_jitter_prob=0.0,
               grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
+  if p is not None and p.randaugment_layers:
+    view.update(randaugment_layers=int(p.randaugment_layers), randaugment_magnitude=p.randaugment_magnitude,
+                randaugment_magnitude_std=p.randaugment_magnitude_std)
+  if p is not None and p.erase_prob:
+    view.update(erase_prob=p.erase_prob)
   return view
 
 
-class BatchNormLinear(nn.Module):
-  """MAE's linear-probe head (main_linprobe.py: the head becomes Sequential(BatchNorm1d(affine=False,
-  eps=1e-6), Linear)): a parameter-free normalization of the features before the classifier. Its statistics
-  are the global batch's (one jit over the mesh; main_linprobe.py's are per GPU); running averages with
-  PyTorch's momentum 0.1 at test time."""
+class NormLinear(nn.Module):
+  """A normalization of the features, then the linear classifier "linear". norm "batchnorm": MAE's
+  linear-probe head (main_linprobe.py: Sequential(BatchNorm1d(affine=False, eps=1e-6), Linear)), whose
+  statistics are the global batch's (one jit over the mesh; main_linprobe.py's are per GPU), with running
+  averages at PyTorch's momentum 0.1 for test time. norm "layernorm": MAE fine-tuning's fc_norm
+  (models_vit.py l.27-29: a fresh LayerNorm, eps 1e-6, with affine, after the global pool)."""
 
+  norm: str
   num_classes: int
   kernel_init: Callable
 
   @nn.compact
   def __call__(self, h, train: bool):
-    h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6, use_scale=False, use_bias=False,
-                     name="bn")(h)
+    if self.norm == "batchnorm":
+      h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6, use_scale=False,
+                       use_bias=False, name="bn")(h)
+    else:
+      h = nn.LayerNorm(epsilon=1e-6, name="fc_norm")(h)
     return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="linear")(h)
 
 
 def classifier_head(p, num_classes: int) -> nn.Module:
   """The protocol's classifier: a linear layer, zero-initialized (SimCLR's zero_init_logits_layer) or
-  drawn from timm's trunc_normal_ with std head_init_std (MAE: 0.01), after BatchNormLinear's
-  normalization with head_batchnorm."""
+  drawn from timm's trunc_normal_ with std head_init_std (MAE: 0.01 linear probe, 2e-5 fine-tuning),
+  after NormLinear's normalization when head_norm is set."""
   std = p.get("head_init_std", 0.0)
   init = initializers.trunc_normal(std) if std else nn.initializers.zeros
-  if p.get("head_batchnorm", False):
-    return BatchNormLinear(num_classes, init, name="head")
+  norm = p.get("head_norm", "none")
+  if norm != "none":
+    return NormLinear(norm, num_classes, init, name="head")
   return nn.Dense(num_classes, kernel_init=init, name="head")
 
 
@@ -94,36 +108,47 @@ def apply_head(head: nn.Module, params, head_stats, h, train: bool):
   if train and head_stats:
     logits, updates = head.apply(variables, h, train=True, mutable=["batch_stats"])
     return logits, updates["batch_stats"]
-  kwargs = {"train": train} if isinstance(head, BatchNormLinear) else {}
+  kwargs = {"train": train} if isinstance(head, NormLinear) else {}
   return head.apply(variables, h, **kwargs), head_stats
 
 
-def make_step(method, head: nn.Module, tx, schedule: Callable, train_encoder: bool, represent: Callable,
-              representation: Optional[str], seed: int, grad_sharding: Optional[Callable] = None):
-  """step(state, batch {"image", "label"}) -> (state, metrics). represent(frozen, batch_stats, x) is the
-  frozen representation (used when not train_encoder); a trained encoder runs through the method's
-  represent_train with `representation`, its dropout / drop-path key folded from `seed` and the step.
-  grad_sharding(grads): the layout the gradients are constrained to (FSDP), or None."""
+def make_step(method, head: nn.Module, tx, schedule: Callable, p, num_classes: int, represent: Callable,
+              seed: int, grad_sharding: Optional[Callable] = None):
+  """step(state, batch {"image", "label"}) -> (state, metrics) of protocol settings `p`. represent(frozen,
+  batch_stats, x) is the frozen representation (used when not p.train_encoder); a trained encoder runs
+  through the method's represent_train with p.representation and p.drop_path_rate, its dropout /
+  drop-path key folded from `seed` and the step. Mixup / cutmix (on the global batch) and label smoothing
+  make soft targets when p sets them. grad_sharding(grads): the layout the gradients are constrained to
+  (FSDP), or None."""
+  train_encoder = bool(p.train_encoder)
+  representation = p.get("representation") or None
+  drop_path = None if p.drop_path_rate < 0 else float(p.drop_path_rate)
+  soft = bool(p.mixup_alpha or p.cutmix_alpha or p.label_smoothing)
 
   def step(state: ClassifierState, batch):
     x, y = batch["image"], batch["label"]
+    key = jax.random.fold_in(jax.random.key(seed), state.step)
+    if soft:
+      x, targets, _ = mixup.mix_batch(jax.random.fold_in(key, 1), x, y, num_classes, p.mixup_alpha,
+                                      p.cutmix_alpha, p.mixup_switch_prob, p.label_smoothing)
 
     def loss_fn(params):
       if train_encoder:
-        rng = jax.random.fold_in(jax.random.key(seed), state.step)
         h, batch_stats = method.represent_train({"params": params["encoder"], "batch_stats": state.batch_stats},
-                                                x, rng, representation)
+                                                x, key, representation, drop_path)
       else:
         h = jax.lax.stop_gradient(represent(state.frozen, state.batch_stats, x))
         batch_stats = state.batch_stats
       logits, head_stats = apply_head(head, params["head"], state.head_stats, h.astype(jnp.float32), True)
-      return losses.softmax_cross_entropy(logits, y), (batch_stats, head_stats, logits)
+      loss = losses.soft_cross_entropy(logits, targets) if soft else losses.softmax_cross_entropy(logits, y)
+      return loss, (batch_stats, head_stats, logits)
 
     (loss, (batch_stats, head_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if grad_sharding is not None:
       grads = jax.lax.with_sharding_constraint(grads, grad_sharding(grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # With mixed images the accuracy is against the unmixed labels: a training curve, not a score.
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
                "learning_rate": schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
@@ -166,19 +191,24 @@ def build(p, method, variables: Optional[Dict[str, Any]], mesh, schedule: Callab
                                variables["batch_stats"] if variables else None, x0).shape[-1]
   head = classifier_head(p, info.num_classes)
   head_variables = head.init(jax.random.key(seed), jnp.zeros((1, feature_dim)),
-                             **({"train": False} if isinstance(head, BatchNormLinear) else {}))
+                             **({"train": False} if isinstance(head, NormLinear) else {}))
   params = {"head": head_variables["params"]}
   frozen = variables["params"] if variables else {}
   if train_encoder:
     params["encoder"], frozen = frozen, {}
-  tx = optim.build(p, params, schedule, batch_size=p.batch_size, total_steps=total_steps, where=where)
+  opt = p
+  if p.layer_decay:  # generated groups after the config's own, which keep precedence
+    opt = ml_collections.ConfigDict(p.to_dict())
+    opt.groups = tuple(p.groups) + vit.layer_decay_groups(method.config.model.depth or
+                                                          vit.ARCHS[method.config.model.arch][1], p.layer_decay)
+  tx = optim.build(opt, params, schedule, batch_size=p.batch_size, total_steps=total_steps, where=where)
   state = ClassifierState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                           batch_stats=variables["batch_stats"] if variables else {}, opt_state=tx.init(params),
                           head_stats=head_variables.get("batch_stats", {}))
   layout = lambda tree: parallel.state_shardings(mesh, tree, sharding, fsdp_min_size)
   state_sharding = layout(state)
   state = parallel.place(state, state_sharding)
-  step_fn = jax.jit(make_step(method, head, tx, schedule, train_encoder, represent, representation, seed,
+  step_fn = jax.jit(make_step(method, head, tx, schedule, p, info.num_classes, represent, seed,
                               None if sharding == "replicated" else layout),
                     in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
                     out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
@@ -213,7 +243,7 @@ def train_and_score(cfg, protocol: str, method, variables: Optional[Dict[str, An
   steps_per_epoch = num_labelled / p.batch_size
   total_steps = p.total_steps or max(1, int(math.floor(epochs * steps_per_epoch)))
   peak = optim.scaled_learning_rate(p.base_learning_rate, p.lr_scaling, p.batch_size)
-  schedule = optim.learning_rate(p, peak, total_steps, steps_per_epoch)
+  schedule = optim.learning_rate(p, peak, total_steps, steps_per_epoch, end_value=p.end_learning_rate)
 
   state, step_fn, predict = build(p, method, variables, mesh, schedule, info, cfg.seed, represent,
                                   total_steps, f"eval.{protocol}", cfg.sharding, cfg.fsdp_min_size)
@@ -224,7 +254,7 @@ def train_and_score(cfg, protocol: str, method, variables: Optional[Dict[str, An
     if start_step:
       logging.info("%s %s: resumed from step %d", protocol, label, start_step)
   local_batch = p.batch_size // jax.process_count()
-  batches = pipeline.pretrain_batches(cfg, [train_view(info.image_size, p.crop_scale)], local_batch,
+  batches = pipeline.pretrain_batches(cfg, [train_view(info.image_size, p.crop_scale, p)], local_batch,
                                       start_step, jax.process_index(), jax.process_count(),
                                       split=info.train_split, keep=keep)
   start = time.time()

@@ -39,9 +39,10 @@ def check_config(cfg) -> None:
   unknown = set(cfg.method) - set(method.default_config())
   if unknown:
     raise ConfigError(f"unknown method setting(s) {sorted(unknown)} for method.name={cfg.method.name!r}")
-  if method.has_heads and cfg.model.get("representation") == "mean":
-    raise ConfigError(f"{cfg.method.name}'s heads read the class token, which model.representation=mean leaves "
-                      "out: pre-train with cls (or cls_last4) and evaluate with --config.model.representation=mean")
+  rep = cfg.model.get("representation")
+  if method.has_heads and rep in ("mean", "gap"):
+    raise ConfigError(f"{cfg.method.name}'s heads read the class token, which model.representation={rep} leaves "
+                      f"out: pre-train with cls (or cls_last4) and evaluate with --config.model.representation={rep}")
   method.check_config(cfg)
 
 

@@ -277,14 +277,16 @@ class Method:
     (DINO evaluates its teacher). A model without batch norm has empty statistics."""
     return {"params": params["encoder"], "batch_stats": batch_stats.get("encoder", {})}
 
-  def evaluation_encoder(self, representation: Optional[str] = None) -> nn.Module:
+  def evaluation_encoder(self, representation: Optional[str] = None,
+                         drop_path_rate: Optional[float] = None) -> nn.Module:
     """The encoder in the global view (no mesh axis: under plain jit batch statistics over the global batch
-    are global), with the representation `representation` (None: config.model's). Same parameters as
-    self.encoder."""
-    key = representation or ""
+    are global), with the representation `representation` and a ViT's stochastic depth `drop_path_rate`
+    (None: config.model's). Same parameters as self.encoder."""
+    overrides = {k: v for k, v in (("representation", representation), ("drop_path_rate", drop_path_rate))
+                 if v is not None and v != ""}
+    key = tuple(sorted(overrides.items()))
     if key not in self._evaluation_encoders:
-      self._evaluation_encoders[key] = build_encoder(
-          self.config, bn_axis_name=None, **({"representation": representation} if representation else {}))
+      self._evaluation_encoders[key] = build_encoder(self.config, bn_axis_name=None, **overrides)
     return self._evaluation_encoders[key]
 
   def represent(self, variables, x, representation: Optional[str] = None):
@@ -294,10 +296,11 @@ class Method:
     config's)."""
     return self.evaluation_encoder(representation).apply(variables, x, train=False)
 
-  def represent_train(self, variables, x, rng, representation: Optional[str] = None):
+  def represent_train(self, variables, x, rng, representation: Optional[str] = None,
+                      drop_path_rate: Optional[float] = None):
     """Training-mode representation for protocols that train the encoder (fine-tuning): (features, new
-    batch_stats); rng drives dropout and drop path."""
-    return apply_train(self.evaluation_encoder(representation), variables["params"],
+    batch_stats); rng drives dropout and drop path (a ViT's, drop_path_rate; None: the config's)."""
+    return apply_train(self.evaluation_encoder(representation, drop_path_rate), variables["params"],
                        variables.get("batch_stats", {}), x, rng)
 
   def log_warnings(self, row) -> Sequence[str]:

@@ -38,7 +38,7 @@ ARCHS = {
 }
 POS_EMBEDS = ("learned", "sincos")
 INITS = ("dino", "moco_v3", "mae")
-REPRESENTATIONS = ("cls", "mean", "cls_last4")
+REPRESENTATIONS = ("cls", "mean", "cls_last4", "gap")
 LAYER_NORM_EPS = 1e-6  # all three repositories: partial(nn.LayerNorm, eps=1e-6)
 
 # The sin-cos ordering each repository uses (RECIPES.md section 4, pitfalls): MoCo v3 puts the token's row
@@ -252,7 +252,9 @@ class VisionTransformer(nn.Module):
     representation: "cls", the class token after the final LayerNorm (the DINO and MoCo v3 head input);
       "mean", the mean of the patch tokens after the final LayerNorm (DINO eval_linear.py l.169's average
       pool); "cls_last4", the class tokens of the last 4 blocks, each through the final LayerNorm,
-      concatenated (DINO eval_linear.py l.166-167 with n_last_blocks=4, its ViT-S linear probe).
+      concatenated (DINO eval_linear.py l.166-167 with n_last_blocks=4, its ViT-S linear probe); "gap",
+      the mean of the patch tokens of the last block without the final LayerNorm (MAE fine-tuning's
+      global_pool, models_vit.py l.33-49, whose fresh fc_norm is the protocol's head_norm="layernorm").
     drop_path_rate: stochastic depth of the last block; block i gets linspace(0, rate, depth)[i] (DINO l.150).
     dropout_rate: dropout after the position embedding, the attention softmax, the attention projection and
       in the MLP (DINO's drop_rate and attn_drop_rate, both this rate).
@@ -316,6 +318,8 @@ class VisionTransformer(nn.Module):
       features = jnp.mean(norm(x)[:, 1:].astype(jnp.float32), axis=1)
     elif self.representation == "cls_last4":
       features = jnp.concatenate([norm(y)[:, 0] for y in outputs[-4:]], axis=-1)
+    elif self.representation == "gap":
+      features = jnp.mean(x[:, 1:].astype(jnp.float32), axis=1)
     else:
       raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
     return features.astype(jnp.float32)
@@ -385,6 +389,18 @@ class MAEDecoder(nn.Module):
     x = nn.Dense(self.patch_size * self.patch_size * 3, kernel_init=dense_init, dtype=self.dtype,
                  name="decoder_pred")(x)
     return x[:, 1:].astype(jnp.float32)
+
+
+def layer_decay_groups(depth: int, decay: float, prefix: str = "encoder") -> tuple:
+  """Optimizer groups (optim.build's (regex, settings) pairs) of layer-wise learning-rate decay (BEiT; MAE
+  util/lr_decay.py, param_groups_lrd and get_layer_id_for_vit): with L = depth + 1 layers, the patch
+  embedding, class token and position embedding are layer 0, block i is layer i + 1 and everything after
+  the blocks (the final norm, the classifier) layer L; layer l's rate is x decay ** (L - l). Parameters
+  under `prefix` only; the rest keep x 1 (layer L)."""
+  num_layers = depth + 1
+  groups = [(f"{prefix}/(patch_embed|cls_token|pos_embed)(/.*)?", dict(lr_mult=decay ** num_layers))]
+  groups += [(f"{prefix}/block_{i}/.*", dict(lr_mult=decay ** (num_layers - i - 1))) for i in range(depth)]
+  return tuple(groups)
 
 
 def _dims(m):
