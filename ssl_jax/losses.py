@@ -496,6 +496,16 @@ def patchify(images, patch_size: int):
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, (h // p) * (w // p), p * p * c)
 
 
+def unpatchify(patches, patch_size: int, grid_hw):
+  """The inverse of patchify: [n, gh * gw, p * p * c] -> [n, gh * p, gw * p, c] (models_mae.py l.108-120)."""
+  n, _, d = patches.shape
+  p = patch_size
+  gh, gw = grid_hw
+  c = d // (p * p)
+  x = patches.reshape(n, gh, gw, p, p, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, gh * p, gw * p, c)
+
+
 def random_masking(noise, mask_ratio: float):
   """MAE's per-example random masking (models_mae.py l.123-148) from noise [n, L] (uniform per patch):
   the int(L * (1 - mask_ratio)) lowest-noise patches are kept. Returns (ids_keep [n, k] in the order of

@@ -28,6 +28,36 @@ def test_patchify_is_row_major_patches_of_row_column_channel():
           for c in range(p):
             for ch in range(3):
               assert out[n, gi * 3 + gj, (r * p + c) * 3 + ch] == images[n, gi * p + r, gj * p + c, ch]
+  np.testing.assert_array_equal(losses.unpatchify(out, p, (2, 3)), images)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_reconstructed_images_paste_the_prediction_into_the_masked_patches(norm_pix, monkeypatch):
+  """reconstruct_images (the notebook's): a prediction equal to the (normalized) target gives back the
+  image; visible pixels are the image's; the per-image losses are mae_loss of each image."""
+  from ssl_jax import methods
+  cfg = mae_config()
+  cfg.method.norm_pix_loss = norm_pix
+  method = methods.get(cfg)
+  x = jnp.asarray(random_batch(cfg, 0)["views"][0][:3])
+  params, _, _ = method.init(jax.random.PRNGKey(0), {"views": [x]})
+  out = method.reconstruct_images(params, x, jax.random.PRNGKey(1))
+  pred, mask = method.reconstruct(params, x, jax.random.PRNGKey(1))
+  mask_px = np.asarray(out["mask"])[..., 0]
+  assert mask_px.shape == x.shape[:3] and mask_px.mean() == 0.75
+  np.testing.assert_array_equal(mask_px[:, :4, :4], np.asarray(mask)[:, :1, None].repeat(4, 1).repeat(4, 2))
+  visible = mask_px == 0
+  np.testing.assert_array_equal(np.asarray(out["pasted"])[visible], np.asarray(x)[visible])
+  for i in range(3):
+    np.testing.assert_allclose(out["loss"][i], losses.mae_loss(pred[i:i + 1], losses.patchify(x[i:i + 1], 4),
+                                                               mask[i:i + 1], norm_pix), rtol=1e-5)
+  target = losses.patchify(x, 4)
+  if norm_pix:
+    target = (target - target.mean(-1, keepdims=True)) / jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
+  monkeypatch.setattr(method, "reconstruct", lambda *_: (target, mask))
+  perfect = method.reconstruct_images(params, x, jax.random.PRNGKey(1))
+  np.testing.assert_allclose(perfect["reconstruction"], x, atol=1e-5)
+  np.testing.assert_allclose(perfect["loss"], 0.0, atol=1e-10)
 
 
 def test_random_masking_keeps_the_lowest_noise_patches():

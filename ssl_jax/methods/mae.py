@@ -119,3 +119,29 @@ class MAE(base.Method):
     ids_keep, mask, ids_restore = losses.random_masking(noise, self.config.method.mask_ratio)
     latent = self.encoder.apply({"params": params["encoder"]}, images, train=False, ids_keep=ids_keep)
     return self.decoder.apply({"params": params["decoder"]}, latent, ids_restore, train=False), mask
+
+  def reconstruct_images(self, params, images, key, eps: float = 1e-6):
+    """What the decoder makes of `images` [n, h, w, 3] (the network's input space) under a random mask from
+    `key`, for looking at: a dict of
+      "reconstruction" [n, h, w, 3]: every patch predicted, in the input space (with norm_pix_loss the
+        prediction is in per-patch normalized units; each patch is brought back with the true patch's mean
+        and unbiased std, as MAE's demo notebook does, so only the masked patches are a real prediction),
+      "pasted" [n, h, w, 3]: the visible patches of the image with the reconstruction in the masked ones,
+      "mask" [n, h, w, 1]: 1 on masked pixels,
+      "loss" [n]: each image's loss (mae_loss over its masked patches)."""
+    pred, mask = self.reconstruct(params, images, key)
+    target = losses.patchify(images, self.patch_size)
+    if self.config.method.norm_pix_loss:
+      mean = jnp.mean(target, axis=-1, keepdims=True)
+      std = jnp.sqrt(jnp.var(target, axis=-1, keepdims=True, ddof=1) + eps)
+      pixels = pred * std + mean
+    else:
+      pixels = pred
+    grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+    unpatch = lambda x: losses.unpatchify(x, self.patch_size, grid)
+    pixel_mask = unpatch(jnp.broadcast_to(mask[..., None], target.shape[:2] + (self.patch_size ** 2,)))
+    reconstruction = unpatch(pixels)
+    per_image = jax.vmap(lambda p, t, m: losses.mae_loss(p[None], t[None], m[None],
+                                                         self.config.method.norm_pix_loss, eps))
+    return {"reconstruction": reconstruction, "pasted": images * (1 - pixel_mask) + reconstruction * pixel_mask,
+            "mask": pixel_mask, "loss": per_image(pred, target, mask)}
