@@ -71,7 +71,8 @@ def compile_step(method_name: str, num_devices: int, batch_size: int, dtype: str
     cfg.method.queue_size = batch_size * max(1, cfg.method.queue_size // batch_size)
   cfg = config_lib.resolve(cfg, IMAGENET_TRAIN_EXAMPLES)
   mesh = parallel.make_mesh(jax.devices()[:num_devices])
-  method = methods.get(cfg)
+  # The training data's facts: InstDisc's memory bank has a row per ImageNet image.
+  method = methods.get(cfg, methods.DataFacts(IMAGENET_TRAIN_EXAMPLES, batch_size))
   schedule = optim.warmup_cosine(optim.peak_learning_rate(cfg), 1000, cfg.total_steps)
 
   holder = {}

@@ -532,3 +532,45 @@ def mae_loss(pred, target, mask, norm_pix: bool = True, eps: float = 1e-6):
   per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
   return jnp.sum(per_patch * mask) / jnp.sum(mask)
 
+
+
+def instdisc_nce_scores(f, weights, temperature, z):
+  """InstDisc's non-parametric NCE scores (Wu et al. 2018, eq. 2-3; lemniscate NCEAverage.py l.7-34):
+  P(i | f) = exp(v_i . f / T) / Z for the memory rows v_i sampled for each example.
+
+  Args:
+    f: [n, d] L2-normalized features (gradient flows).
+    weights: [n, K + 1, d] memory-bank rows, the positive (the example's own row) in slot 0 (constant).
+    temperature: T.
+    z: the normalizing constant Z (a scalar, constant: estimated once, on the first step).
+  Returns: [n, K + 1] scores exp(v . f / T) / Z.
+  """
+  logits = jnp.einsum("nkd,nd->nk", jax.lax.stop_gradient(weights), f) / temperature
+  return jnp.exp(logits) / jax.lax.stop_gradient(z)
+
+
+def instdisc_nce_loss(scores, num_data: int, eps: float = 1e-7):
+  """NCE of the positive against K noise samples drawn uniformly, P_n = 1 / num_data (lemniscate
+  NCECriterion.py l.12-36; Wu et al. 2018 eq. 4-5):
+      h(s) = s / (s + K P_n)
+      L = -[ log h(s_0) + sum_{k=1..K} log(1 - h(s_k)) ]
+  with eps added to the denominators as the official code does (s + K P_n + eps). scores: [n, K + 1]
+  (instdisc_nce_scores), the positive in column 0. Returns the mean over the n examples."""
+  k = scores.shape[1] - 1
+  noise = k / num_data
+  positive = jnp.log(scores[:, 0] / (scores[:, 0] + noise + eps))
+  negatives = jnp.sum(jnp.log(noise / (scores[:, 1:] + noise + eps)), axis=1)
+  return -jnp.mean(positive + negatives)
+
+
+def instdisc_softmax_loss(f, bank, labels, temperature):
+  """InstDisc's full non-parametric softmax (nce_k = 0; lemniscate LinearAverage.py with cross-entropy,
+  main.py l.151-153): cross-entropy of logits f . bank^T / T against each example's own index.
+  f: [n, d] normalized features (gradient flows); bank: [N, d] (constant); labels: [n] dataset indices."""
+  logits = f @ jax.lax.stop_gradient(bank).T / temperature
+  return softmax_cross_entropy(logits, labels)
+
+
+def memory_bank_update(rows, f, momentum):
+  """The rows written back (lemniscate NCEAverage.py l.62-68): normalize(m v + (1 - m) f), no gradient."""
+  return l2_normalize(momentum * rows + (1.0 - momentum) * jax.lax.stop_gradient(f))

@@ -69,6 +69,8 @@ BAD = [
     ("dino", {"method.student_temp": 0.0}, "method.student_temp must be > 0"),
     ("dino", {"method.warmup_teacher_temp_epochs": -1}, "whole number >= 0"),
     ("dino", {"views.global2.crop_size": 24}, "dino takes 2 global crops of one size first"),
+    ("instdisc", {"method.bank_momentum": 1.0}, "method.bank_momentum must lie in [0, 1)"),
+    ("instdisc", {"method.nce_k": -1}, "method.nce_k and method.proximal_lambda must be >= 0"),
 ]
 
 

@@ -1,0 +1,181 @@
+"""InstDisc: the NCE and full-softmax losses against direct float64 computations (values and gradients), the
+bank's initialization and update, the negatives' sampler, Z estimated once, 8 devices equal to 1, and a
+stopped run that resumes with its bank and Z."""
+
+import json
+import math
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import REPO
+from ssl_jax import config as config_lib
+from ssl_jax import losses, methods, parallel, train
+from test_vit_methods import assert_trees_close, random_batch, run_steps
+
+NUM_TRAIN = 64
+
+
+def _numeric_grad(fn, x, eps=1e-6):
+  g = np.zeros_like(x)
+  for i in np.ndindex(x.shape):
+    d = np.zeros_like(x)
+    d[i] = eps
+    g[i] = (fn(x + d) - fn(x - d)) / (2 * eps)
+  return g
+
+
+def _direct_nce(f, rows, t, z, n_data, eps=1e-7):
+  """lemniscate NCEAverage + NCECriterion, written out per example in float64."""
+  total = 0.0
+  k = rows.shape[1] - 1
+  pn = 1.0 / n_data
+  for i in range(f.shape[0]):
+    s = [math.exp(float(rows[i, j] @ f[i]) / t) / z for j in range(k + 1)]
+    total += math.log(s[0] / (s[0] + k * pn + eps))
+    total += sum(math.log(k * pn / (s[j] + k * pn + eps)) for j in range(1, k + 1))
+  return -total / f.shape[0]
+
+
+def _direct_softmax(f, bank, labels, t):
+  total = 0.0
+  for i in range(f.shape[0]):
+    logits = bank @ f[i] / t
+    total += -(logits[labels[i]] - math.log(np.exp(logits).sum()))
+  return total / f.shape[0]
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_nce_loss_matches_a_direct_computation():
+  rng = np.random.default_rng(0)
+  f = _unit(rng.normal(size=(3, 5)))
+  rows = _unit(rng.normal(size=(3, 7, 5)))
+  t, n_data = 0.07, 50
+  z = float(np.mean(np.exp(np.einsum("nkd,nd->nk", rows, f) / t)) * n_data)
+  ours = lambda x: losses.instdisc_nce_loss(
+      losses.instdisc_nce_scores(jnp.asarray(x), jnp.asarray(rows), t, z), n_data)
+  with jax.enable_x64(True):
+    np.testing.assert_allclose(float(ours(f)), _direct_nce(f, rows, t, z, n_data), rtol=1e-10)
+    grad = np.asarray(jax.grad(ours)(jnp.asarray(f)))
+  np.testing.assert_allclose(grad, _numeric_grad(lambda x: _direct_nce(x, rows, t, z, n_data), f), rtol=1e-5,
+                             atol=1e-7)
+
+
+def test_softmax_loss_matches_a_direct_computation():
+  rng = np.random.default_rng(1)
+  f = _unit(rng.normal(size=(4, 6)))
+  bank = rng.uniform(-0.7, 0.7, size=(20, 6))
+  labels = np.array([3, 0, 19, 3])
+  t = 0.1
+  with jax.enable_x64(True):
+    ours = lambda x: losses.instdisc_softmax_loss(jnp.asarray(x), jnp.asarray(bank), jnp.asarray(labels), t)
+    # softmax_cross_entropy computes in float32.
+    np.testing.assert_allclose(float(ours(f)), _direct_softmax(f, bank, labels, t), rtol=1e-6)
+    grad = np.asarray(jax.grad(ours)(jnp.asarray(f)))
+    # No gradient reaches the bank.
+    bank_grad = jax.grad(lambda b: losses.instdisc_softmax_loss(jnp.asarray(f), b, jnp.asarray(labels), t))(
+        jnp.asarray(bank))
+  np.testing.assert_allclose(grad, _numeric_grad(lambda x: _direct_softmax(x, bank, labels, t), f), rtol=1e-4,
+                             atol=1e-6)
+  assert not np.asarray(bank_grad).any()
+
+
+def test_bank_update_is_the_normalized_momentum_average():
+  rng = np.random.default_rng(2)
+  v, f = rng.normal(size=(4, 3)), _unit(rng.normal(size=(4, 3)))
+  out = np.asarray(losses.memory_bank_update(jnp.asarray(v), jnp.asarray(f), 0.5))
+  np.testing.assert_allclose(out, _unit(0.5 * v + 0.5 * f), rtol=1e-6)
+
+
+def instdisc_config(nce_k=16, batch=16):
+  cfg = config_lib.load(f"{REPO}/configs/instdisc.py:cifar10,tiny")
+  cfg.batch_size = batch
+  cfg.total_steps = 10
+  cfg.model.width = 8
+  cfg.views.view.crop_size = 16
+  cfg.method.nce_k = nce_k
+  return cfg
+
+
+def test_bank_starts_uniform_and_the_sampler_is_uniform_with_the_positive_first():
+  cfg = config_lib.resolve(instdisc_config(nce_k=4096), NUM_TRAIN)
+  method = methods.get(cfg, methods.DataFacts(NUM_TRAIN, cfg.batch_size))
+  _, _, state = method.init(jax.random.PRNGKey(0), {"views": [jnp.zeros((1, 16, 16, 3))]})
+  bank = np.asarray(state["bank"])
+  stdv = 1 / math.sqrt(64 / 3)  # tiny: 64-d features
+  assert bank.shape == (NUM_TRAIN, 64) and float(state["z"]) == -1.0
+  assert np.abs(bank).max() <= stdv and np.abs(bank).max() > 0.95 * stdv
+  assert abs(np.linalg.norm(bank, axis=1).mean() - 1) < 0.1  # about unit norm, not normalized
+  index = jnp.array([5, 63, 0, 5])
+  drawn = np.asarray(jax.shard_map(lambda i: method.negatives(jax.random.PRNGKey(3), i),
+                                   mesh=parallel.make_mesh(jax.devices()[:1]), in_specs=P("data"), out_specs=P("data"))(index))
+  assert drawn.shape == (4, 4097)
+  np.testing.assert_array_equal(drawn[:, 0], index)
+  counts = np.bincount(drawn[:, 1:].reshape(-1), minlength=NUM_TRAIN)
+  expected = 4 * 4096 / NUM_TRAIN
+  # Uniform with replacement: every index drawn, counts within 5 standard deviations of the mean.
+  assert counts.min() > 0 and np.abs(counts - expected).max() < 5 * math.sqrt(expected)
+  assert (drawn[:, 1:] == index[:, None]).any()  # the positive can come back as a negative
+
+
+@pytest.mark.parametrize("nce_k", [16, 0])
+def test_eight_devices_equal_one_and_the_bank_takes_the_batch(nce_k):
+  """Two SGD steps: loss, parameters, bank and Z equal on 8 devices and on 1; the rows of each batch become
+  normalize(0.5 v + 0.5 f) and no others change; Z is estimated at the first step and kept."""
+  assert jax.device_count() == 8
+  cfg = instdisc_config(nce_k)
+  batches = [random_batch(cfg, seed) for seed in range(2)]
+  batches[1]["index"] = np.arange(16, 32, dtype=np.int64)
+  method, one, m1 = run_steps(cfg, parallel.make_mesh(jax.devices()[:1]), batches, NUM_TRAIN)
+  _, eight, m8 = run_steps(cfg, parallel.make_mesh(), batches, NUM_TRAIN)
+  for key in ("loss", "total_loss", "grad_norm"):
+    np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
+  assert_trees_close(eight[-1].params, one[-1].params, atol=1e-6)
+  assert_trees_close(eight[-1].method_state, one[-1].method_state, atol=1e-6)
+
+  banks = [np.asarray(s.method_state["bank"]) for s in one]
+  np.testing.assert_array_equal(banks[1][16:], banks[0][16:])
+  np.testing.assert_array_equal(banks[2][:16], banks[1][:16])
+  np.testing.assert_array_equal(banks[2][32:], banks[0][32:])
+  np.testing.assert_allclose(np.linalg.norm(banks[2][:32], axis=1), 1.0, rtol=1e-5)
+  # The features of step 0: the network's training-mode forward of batch 0 under the initial parameters
+  # (global batch norm: under shard_map on one device).
+  state0 = one[0]
+  variables = {"params": {k: v for k, v in state0.params.items() if k != "online_probe"},
+               "batch_stats": state0.batch_stats}
+  forward = jax.shard_map(lambda x: method.network.apply(variables, x, train=True, mutable=["batch_stats"])[0][1],
+                          mesh=parallel.make_mesh(jax.devices()[:1]), in_specs=P("data"), out_specs=P("data"))
+  f = _unit(np.asarray(forward(jnp.asarray(batches[0]["views"][0])), np.float64))
+  np.testing.assert_allclose(banks[1][:16], _unit(0.5 * banks[0][:16] + 0.5 * f), atol=2e-5)
+  zs = [float(s.method_state["z"]) for s in one]
+  if nce_k:
+    assert zs[0] == -1.0 and zs[1] > 0 and zs[2] == zs[1]
+  else:
+    assert zs == [-1.0, -1.0, -1.0]
+
+
+def test_stopped_run_resumes_with_its_bank_and_z(tmp_path):
+  cfg = instdisc_config(nce_k=64, batch=32)
+  cfg.data_dir = str(REPO / "ssl_jax" / "data" / "embedded")
+  cfg.total_steps = 4
+  cfg.log_every_steps = 1
+  cfg.checkpoint_every_steps = 2
+  cfg.shuffle_buffer = 256
+  whole = train.train(cfg, str(tmp_path / "whole"))
+  assert train.train(cfg, str(tmp_path / "parts"), stop_at_step=2)["step"] == 2
+  parts = train.train(cfg, str(tmp_path / "parts"))
+  for a, b in zip(jax.tree.leaves(jax.device_get(whole["state"])), jax.tree.leaves(jax.device_get(parts["state"]))):
+    np.testing.assert_array_equal(a, b)
+  z = float(jax.device_get(whole["state"].method_state["z"]))
+  assert z > 0 and whole["state"].method_state["bank"].shape == (4000, 64)
+  rows = [json.loads(line) for line in pathlib.Path(tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["z"] == z for r in rows)
+  shutil.rmtree(tmp_path / "whole")
