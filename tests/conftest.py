@@ -80,3 +80,14 @@ LONGEST_FIRST = ("test_train.py", "test_multihost.py", "test_sharding.py", "test
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def set_keys(cfg, overrides):
+  """cfg with each dotted key of `overrides` ("method.temperature") set to its value."""
+  for key, value in overrides.items():
+    node = cfg
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return cfg

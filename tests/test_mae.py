@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, set_keys
 from ssl_jax import config as config_lib
 from ssl_jax import losses, parallel
 from ssl_jax.errors import ConfigError
@@ -169,12 +169,7 @@ def mae_config(batch=16):
 def test_bad_settings_fail_with_one_line(change, message):
   cfg = mae_config()
   cfg.data_dir = "unused"
-  for key, value in change.items():
-    node = cfg
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  set_keys(cfg, change)
   with pytest.raises(ConfigError, match=message):
     config_lib.validate(cfg, 1)
 

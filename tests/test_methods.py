@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO
+from conftest import REPO, set_keys
 from ssl_jax import config as config_lib
 from ssl_jax import methods, models, parallel, train
 from ssl_jax.errors import ConfigError
@@ -78,12 +78,7 @@ BAD = [
 def test_impossible_method_settings_stop_in_one_line(name, overrides, message):
   cfg = config_lib.load(f"{REPO}/configs/{name}.py:cifar10,tiny")
   cfg.data_dir = "/data"
-  for key, value in overrides.items():
-    target = cfg
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
+  set_keys(cfg, overrides)
   with pytest.raises(ConfigError) as info:
     config_lib.validate(cfg, 8, 1, "cpu")
     # Group rules are checked against the parameters when the optimizer is built, before compiling.

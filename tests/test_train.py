@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, flip_bytes
+from conftest import REPO, flip_bytes, set_keys
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config as config_lib
 from ssl_jax import parallel, train
@@ -35,12 +35,7 @@ def tiny(name, data_dir, **overrides):
   cfg.shuffle_buffer = 256
   if "queue_size" in cfg.method:
     cfg.method.queue_size = 64
-  for key, value in overrides.items():
-    target = cfg
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
+  set_keys(cfg, overrides)
   return cfg
 
 
