@@ -84,7 +84,7 @@ def compile_step(method_name: str, num_devices: int, batch_size: int, dtype: str
   state = jax.eval_shape(abstract_state)
   batch = train.init_batch(cfg, method.views())  # shapes for one example per view
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct((batch_size, *a.shape[1:]), a.dtype), batch)
-  layout = parallel.state_shardings(mesh, state, cfg.sharding, cfg.fsdp_min_size)
+  layout = train.state_layout(cfg, method, mesh, state)
   step = train.jit_train_step(train.make_train_step(cfg, method, holder["tx"], schedule, mesh, 1000), mesh,
                               layout)
   start = time.perf_counter()

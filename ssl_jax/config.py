@@ -374,7 +374,7 @@ def validate(cfg, num_devices: int, num_processes: int = 1, platform: str = "") 
     unknown = set(view) - set(views.VIEW_DEFAULTS) - {"num", "order"}
     if unknown:
       fail(f"unknown view setting(s) {sorted(unknown)} in views.{name}")
-  methods.check_config(cfg)  # last: a method's checks may rely on the settings checked above
+  methods.check_config(cfg, num_devices)  # last: a method's checks may rely on the settings checked above
 
 
 def validate_eval(cfg) -> None:

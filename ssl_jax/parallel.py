@@ -144,6 +144,37 @@ def this_device_rows(make_global, n: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(full, device_index() * n, n, axis=0)
 
 
+def row_sharded_take(local_rows: jax.Array, indices: jax.Array) -> jax.Array:
+  """Rows of a table split by rows over the data axis (device i holds rows [i R, (i + 1) R) as
+  `local_rows` [R, ...]): this device's lookups `indices` [n, ...] (global row numbers) -> [n, ..., row].
+  Every device's requests are gathered (all_gather), each device answers those it owns (zeros elsewhere),
+  and the answers are summed back to the device that asked (psum_scatter): the table is never gathered."""
+  per_device = local_rows.shape[0]
+  wanted = all_gather(indices)                                   # [D n, ...]
+  local = wanted - device_index() * per_device
+  mine = (local >= 0) & (local < per_device)
+  rows = jnp.take(local_rows, jnp.clip(local, 0, per_device - 1), axis=0)
+  rows = jnp.where(mine.reshape(mine.shape + (1,) * (rows.ndim - mine.ndim)), rows, 0)
+  return jax.lax.psum_scatter(rows, DATA, scatter_dimension=0, tiled=True)
+
+
+def row_sharded_local(local_rows: jax.Array, indices: jax.Array) -> jax.Array:
+  """local_rows[indices - first row of this device] for the global row numbers `indices` [m] this device
+  owns (whatever for the others, which row_sharded_set drops): the current rows to update."""
+  per_device = local_rows.shape[0]
+  return jnp.take(local_rows, jnp.clip(indices - device_index() * per_device, 0, per_device - 1), axis=0)
+
+
+def row_sharded_set(local_rows: jax.Array, indices: jax.Array, values: jax.Array) -> jax.Array:
+  """`local_rows` [R, ...] (this device's slice of a row-split table) with the rows among the global
+  `indices` [m] that it owns replaced by `values` [m, ...]; indices and values must be the same on every
+  device (the global batch's, all-gathered). Rows owned elsewhere are dropped, not written."""
+  per_device = local_rows.shape[0]
+  local = indices - device_index() * per_device
+  local = jnp.where((local >= 0) & (local < per_device), local, per_device)  # out of range: dropped
+  return local_rows.at[local].set(values.astype(local_rows.dtype), mode="drop")
+
+
 def global_std_of_normalized(z: jax.Array) -> jax.Array:
   """Collapse indicator: mean over dimensions of the per-dimension std of L2-normalized embeddings.
 

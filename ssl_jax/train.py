@@ -90,9 +90,14 @@ def make_train_step(config, method, tx, schedule: Callable, mesh, num_classes: i
   """step(state, batch) -> (new state, metrics). Not jitted: `jit_train_step` adds the shardings."""
   probe = probe_head(num_classes) if config.online_probe else None
 
+  specs = method.state_specs()
+
   def per_device(params, batch_stats, method_state, batch, rng, step):
     method_params = {k: v for k, v in params.items() if k != "online_probe"}
     loss, out = method.loss(method_params, batch_stats, method_state, batch, rng, step)
+    if set(out.state_updates) != set(method.updated_in_loss):
+      raise ValueError(f"{type(method).__name__}.loss returned state_updates {sorted(out.state_updates)}, its "
+                       f"updated_in_loss names {sorted(method.updated_in_loss)}")
     metrics = dict(out.metrics, loss=loss)
     total = loss
     if probe is not None:
@@ -104,21 +109,24 @@ def make_train_step(config, method, tx, schedule: Callable, mesh, num_classes: i
     # Mean over devices: every device holds the same number of examples, so this is the global mean.
     # Per-device BN statistics (MoCo) are averaged too; for global BN they are already identical.
     return parallel.mean(total), (parallel.mean(out.batch_stats), parallel.mean(metrics),
-                                  parallel.mean(out.state_stats), out.per_example, out.embedding)
-
-  sharded = jax.shard_map(
-      per_device, mesh=mesh,
-      in_specs=(P(), P(), P(), P(parallel.DATA), P(), P()),
-      out_specs=(P(), (P(), P(), P(), P(parallel.DATA), P(parallel.DATA))))
+                                  parallel.mean(out.state_stats), out.per_example, out.embedding,
+                                  out.state_updates)
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    # The method's split entries (state_specs) enter and leave the per-device loss in their layout.
+    state_spec = {k: specs.get(k, P()) for k in state.method_state} if specs else P()
+    updates_spec = {k: specs.get(k, P()) for k in method.updated_in_loss}
+    sharded = jax.shard_map(
+        per_device, mesh=mesh,
+        in_specs=(P(), P(), state_spec, P(parallel.DATA), P(), P()),
+        out_specs=(P(), (P(), P(), P(), P(parallel.DATA), P(parallel.DATA), updates_spec)))
 
     def loss_fn(params):
       return sharded(params, state.batch_stats, state.method_state, batch, rng, state.step)
 
-    (loss, (batch_stats, metrics, state_stats, per_example, embedding)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, (batch_stats, metrics, state_stats, per_example, embedding, state_updates)), grads = (
+        jax.value_and_grad(loss_fn, has_aux=True)(state.params))
     if config.sharding != "replicated":
       # The gradients in the parameters' layout: a reduce-scatter, and the optimizer's math on shards.
       grads = jax.lax.with_sharding_constraint(
@@ -128,7 +136,8 @@ def make_train_step(config, method, tx, schedule: Callable, mesh, num_classes: i
     params = dict(method.after_update({k: v for k, v in params.items() if k != "online_probe"}, state.step),
                   **({"online_probe": params["online_probe"]} if "online_probe" in params else {}))
     method_params = {k: v for k, v in params.items() if k != "online_probe"}
-    method_state = method.update_state(state.method_state, method_params, state_stats, per_example,
+    method_state = method.update_state(dict(state.method_state, **state_updates) if state_updates
+                                       else state.method_state, method_params, state_stats, per_example,
                                        state.step)
     metrics = dict(metrics, total_loss=loss, learning_rate=schedule(state.step),
                    embedding_std=parallel.global_std_of_normalized(embedding),
@@ -174,6 +183,19 @@ def jit_train_loop(step_fn, mesh, state_sharding=None):
                  out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
 
 
+def state_layout(config, method, mesh, state):
+  """One NamedSharding per leaf of the TrainState `state`: config.sharding's layout
+  (parallel.state_shardings), with the method_state entries the method splits (state_specs) in theirs."""
+  layout = parallel.state_shardings(mesh, state, config.sharding, config.fsdp_min_size)
+  specs = method.state_specs()
+  if not specs:
+    return layout
+  method_state = dict(layout.method_state)
+  for key, spec in specs.items():
+    method_state[key] = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, spec), method_state[key])
+  return layout.replace(method_state=method_state)
+
+
 def build(config, mesh, num_train_examples: int, num_classes: int):
   """Resolved config, method, initial state (on the mesh in config.sharding's layout), the jitted step, the jitted loop of
   config.steps_per_loop steps (None when that is 1) and the schedule."""
@@ -185,7 +207,7 @@ def build(config, mesh, num_train_examples: int, num_classes: int):
   schedule = optim.learning_rate(opt, optim.peak_learning_rate(config), config.total_steps,
                                  num_train_examples / config.batch_size, end, start)
   state, tx = create_train_state(config, method, schedule, num_classes)
-  sharding = parallel.state_shardings(mesh, state, config.sharding, config.fsdp_min_size)
+  sharding = state_layout(config, method, mesh, state)
   state = parallel.place(state, sharding)
   step = make_train_step(config, method, tx, schedule, mesh, num_classes)
   loop_fn = jit_train_loop(step, mesh, sharding) if config.steps_per_loop > 1 else None

@@ -1,6 +1,7 @@
 """InstDisc: the NCE and full-softmax losses against direct float64 computations (values and gradients), the
-bank's initialization and update, the negatives' sampler, Z estimated once, 8 devices equal to 1, and a
-stopped run that resumes with its bank and Z."""
+bank's initialization and update, the negatives' sampler, Z estimated once, 8 devices equal to 1, a
+stopped run that resumes with its bank and Z, and the bank split over the devices equal to a replicated
+one."""
 
 import json
 import math
@@ -13,9 +14,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO
+from conftest import REPO, set_keys
 from ssl_jax import config as config_lib
 from ssl_jax import losses, methods, parallel, train
+from ssl_jax.errors import ConfigError
 from test_vit_methods import assert_trees_close, random_batch, run_steps
 
 NUM_TRAIN = 64
@@ -111,7 +113,7 @@ def test_bank_starts_uniform_and_the_sampler_is_uniform_with_the_positive_first(
   _, _, state = method.init(jax.random.PRNGKey(0), {"views": [jnp.zeros((1, 16, 16, 3))]})
   bank = np.asarray(state["bank"])
   stdv = 1 / math.sqrt(64 / 3)  # tiny: 64-d features
-  assert bank.shape == (NUM_TRAIN, 64) and float(state["z"]) == -1.0
+  assert bank.shape == (4096, 64) and float(state["z"]) == -1.0  # padded to a multiple of 4096 rows
   assert np.abs(bank).max() <= stdv and np.abs(bank).max() > 0.95 * stdv
   assert abs(np.linalg.norm(bank, axis=1).mean() - 1) < 0.1  # about unit norm, not normalized
   index = jnp.array([5, 63, 0, 5])
@@ -175,7 +177,76 @@ def test_stopped_run_resumes_with_its_bank_and_z(tmp_path):
   for a, b in zip(jax.tree.leaves(jax.device_get(whole["state"])), jax.tree.leaves(jax.device_get(parts["state"]))):
     np.testing.assert_array_equal(a, b)
   z = float(jax.device_get(whole["state"].method_state["z"]))
-  assert z > 0 and whole["state"].method_state["bank"].shape == (4000, 64)
+  assert z > 0 and whole["state"].method_state["bank"].shape == (4096, 64)
   rows = [json.loads(line) for line in pathlib.Path(tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["z"] == z for r in rows)
   shutil.rmtree(tmp_path / "whole")
+
+
+def test_row_sharded_lookups_and_updates_match_a_whole_table():
+  """parallel.row_sharded_take / row_sharded_local / row_sharded_set on a table split by rows over 8 devices
+  against the same operations on the whole table."""
+  mesh = parallel.make_mesh()
+  rng = np.random.default_rng(4)
+  table = rng.normal(size=(64, 3)).astype(np.float32)          # 8 rows per device
+  wanted = rng.integers(0, 64, size=(16, 5))                   # 2 examples per device, 5 lookups each
+  index = rng.permutation(64)[:16]                             # the global batch's rows, all distinct
+  values = rng.normal(size=(16, 3)).astype(np.float32)
+
+  def per_device(rows, idx):
+    taken = parallel.row_sharded_take(rows, idx)
+    all_index = jnp.asarray(index)
+    current = parallel.row_sharded_local(rows, all_index)
+    return taken, parallel.row_sharded_set(rows, all_index, current + jnp.asarray(values))
+
+  taken, updated = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P("data")),
+                                         out_specs=(P("data"), P("data"))))(table, wanted)
+  np.testing.assert_array_equal(taken, table[wanted])
+  want = table.copy()
+  want[index] += values
+  np.testing.assert_array_equal(updated, want)
+
+
+def test_sharded_bank_step_equals_the_replicated_bank():
+  """Two steps with the bank split over 8 devices equal two steps with a replicated bank on one device:
+  loss, parameters, the whole bank and Z."""
+  assert jax.device_count() == 8
+  batches = [random_batch(instdisc_config(), seed) for seed in range(2)]
+  batches[1]["index"] = np.arange(16, 32, dtype=np.int64)
+
+  def run(bank_sharding, devices):
+    cfg = instdisc_config()
+    cfg.method.bank_sharding = bank_sharding
+    config_lib.validate(set_data(cfg), len(devices))
+    mesh = parallel.make_mesh(devices)
+    cfg, method, state, step, _, _ = train.build(cfg, mesh, NUM_TRAIN, 10)
+    for batch in batches:
+      state, metrics = step(state, parallel.to_global(mesh, batch))
+    return method, state, jax.device_get(metrics)
+
+  method, sharded, m8 = run("sharded", jax.devices())
+  _, replicated, m1 = run("replicated", jax.devices()[:1])
+  assert sharded.method_state["bank"].sharding.spec == P("data")
+  assert sharded.method_state["bank"].addressable_shards[0].data.shape == (4096 // 8, 64)
+  for key in ("loss", "total_loss", "grad_norm"):
+    np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
+  assert_trees_close(jax.device_get(sharded.params), jax.device_get(replicated.params), atol=1e-6)
+  assert_trees_close(jax.device_get(sharded.method_state), jax.device_get(replicated.method_state), atol=1e-6)
+  assert float(sharded.method_state["z"]) > 0
+
+
+def set_data(cfg):
+  cfg.data_dir = "unused"
+  return cfg
+
+
+@pytest.mark.parametrize("change,devices,message", [
+    ({"method.bank_sharding": "sharded", "method.nce_k": 0}, 8, "needs NCE"),
+    ({"method.bank_sharding": "sharded"}, 6, "power-of-two number of devices"),
+    ({"method.bank_sharding": "split"}, 8, "replicated or sharded"),
+])
+def test_bad_bank_settings_fail_in_one_line(change, devices, message):
+  cfg = set_keys(set_data(instdisc_config()), change)
+  cfg.batch_size = 48
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(cfg, devices)

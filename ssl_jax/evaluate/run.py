@@ -45,9 +45,9 @@ class Encoder:
     self.method = methods.get(cfg, methods.DataFacts(num_train, cfg.batch_size))
     schedule = optim.warmup_cosine(1.0, 0, cfg.total_steps)
     state, _ = train.create_train_state(cfg, self.method, schedule, self.info.num_classes)
-    # The pre-training run's layout (config.sharding): a checkpoint restores into either layout.
-    self.initial_state = parallel.place(state, parallel.state_shardings(mesh, state, cfg.sharding,
-                                                                        cfg.fsdp_min_size))
+    # The pre-training run's layout (config.sharding, and the method's split state such as a sharded
+    # memory bank): a checkpoint restores into either layout.
+    self.initial_state = parallel.place(state, train.state_layout(cfg, self.method, mesh, state))
     # Every protocol reads the method's representation (method.represent of method.encoder_variables).
     self._represent = jax.jit(self.method.represent, out_shardings=parallel.batch_sharded(mesh))
 

@@ -35,8 +35,9 @@ def default_config(name: str):
   return METHODS.get(name).default_config()
 
 
-def check_config(cfg) -> None:
-  """The method's own checks of `cfg` (one-line ConfigErrors)."""
+def check_config(cfg, num_devices: Optional[int] = None) -> None:
+  """The method's own checks of `cfg` (one-line ConfigErrors), and of its mesh where `num_devices` is
+  known."""
   method = METHODS.get(cfg.method.name)
   unknown = set(cfg.method) - set(method.default_config())
   if unknown:
@@ -46,6 +47,8 @@ def check_config(cfg) -> None:
     raise ConfigError(f"{cfg.method.name}'s heads read the class token, which model.representation={rep} leaves "
                       f"out: pre-train with cls (or cls_last4) and evaluate with --config.model.representation={rep}")
   method.check_config(cfg)
+  if num_devices is not None:
+    method.check_mesh(cfg, num_devices)
 
 
 def apply_tiny(cfg) -> None:

@@ -49,6 +49,9 @@ class LossOutput:
   state_stats: per-device statistics for `update_state`, averaged over devices by the trainer (e.g. the
     target network's new batch-norm statistics, DINO's batch center).
   per_example: [n, ...] arrays handed to `update_state` as global arrays (e.g. MoCo's keys).
+  state_updates: new values of the method_state entries named by the method's `updated_in_loss`, each in
+    its layout of `state_specs` (InstDisc's sharded memory bank, of whose rows a device holds a slice);
+    the trainer puts them into method_state before `update_state`.
   """
 
   batch_stats: Any
@@ -57,11 +60,13 @@ class LossOutput:
   embedding: jax.Array
   state_stats: Any = dataclasses.field(default_factory=dict)
   per_example: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
+  state_updates: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
 
 
 jax.tree_util.register_dataclass(
     LossOutput,
-    data_fields=["batch_stats", "metrics", "representation", "embedding", "state_stats", "per_example"],
+    data_fields=["batch_stats", "metrics", "representation", "embedding", "state_stats", "per_example",
+                 "state_updates"],
     meta_fields=[])
 
 
@@ -258,6 +263,20 @@ class Method:
       settings = {k: v for k, v in view.items() if k not in ("num", "order")}
       out.extend(dict(settings) for _ in range(view.num))
     return out
+
+  # method_state entries the per-device loss returns new values of (LossOutput.state_updates).
+  updated_in_loss: Sequence[str] = ()
+
+  def state_specs(self) -> Mapping[str, Any]:
+    """PartitionSpecs of method_state entries (by top-level key) split over the devices: inside the
+    per-device loss each device sees only its part (an InstDisc memory bank split by rows is P("data")),
+    and the train state keeps them in that layout. Entries not named are replicated (or laid out by
+    config.sharding)."""
+    return {}
+
+  @classmethod
+  def check_mesh(cls, cfg, num_devices: int) -> None:
+    """Raises ConfigError for settings this method cannot run on `num_devices` devices."""
 
   def after_update(self, params, step):
     """The parameters after the optimizer step, changed as the method needs (identity by default)."""

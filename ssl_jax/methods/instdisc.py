@@ -11,10 +11,15 @@ kept in the state (method_state["z"], -1 until then) so a resumed run never re-e
 the full non-parametric softmax over every row (the official CIFAR recipe). After each step the rows of
 the global batch become normalize(m v + (1 - m) f), m = 0.5; no gradient reaches the bank.
 
-Under the mesh: the bank is replicated; each device draws its rows of the global batch's negatives from
-the step's key (parallel.this_device_rows: 8 devices draw what 1 draws), Z is the mean over all devices,
-and the update scatters the all-gathered indices and features (update_state's per_example), so every
-replica writes the same rows.
+Under the mesh: each device draws its rows of the global batch's negatives from the step's key
+(parallel.this_device_rows: 8 devices draw what 1 draws) and Z is the mean over all devices. The bank is
+padded to a multiple of 4096 rows (never drawn; left out of the softmax) and laid out by
+method.bank_sharding:
+  "replicated" (default): every device holds it; the update scatters the all-gathered indices and
+    features (update_state's per_example), so every replica writes the same rows;
+  "sharded" (NCE only): device i holds rows [i R, (i + 1) R); lookups and updates go to the owner
+    (parallel.row_sharded_take / row_sharded_set, inside the loss: LossOutput.state_updates), for banks
+    larger than a chip wants to hold. Both layouts give the same step (tested).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import PartitionSpec as P
 
 from ssl_jax import losses, parallel
 from ssl_jax.errors import ConfigError
@@ -39,7 +45,12 @@ def default_config() -> ml_collections.ConfigDict:
       bank_momentum=0.5,     # --nce-m: v <- normalize(m v + (1 - m) f)
       # The paper's proximal term lambda ||f_i - v_i||^2 (section 3.4); the official code has none.
       proximal_lambda=0.0,
+      bank_sharding="replicated",  # or "sharded": each device holds a slice of the rows (NCE only)
   ))
+
+# Bank rows are padded to a multiple of this, so that a sharded bank splits evenly over any mesh of up to
+# this many devices (a power of two) and the bank's shape does not depend on the mesh.
+BANK_ROW_MULTIPLE = 4096
 
 
 class InstDisc(base.Method):
@@ -55,6 +66,17 @@ class InstDisc(base.Method):
     if m.nce_k < 0 or m.proximal_lambda < 0:
       raise ConfigError(f"method.nce_k and method.proximal_lambda must be >= 0, got {m.nce_k}, {m.proximal_lambda}")
     base.check_num_views(cfg, 1)
+    if m.bank_sharding not in ("replicated", "sharded"):
+      raise ConfigError(f"method.bank_sharding must be replicated or sharded, got {m.bank_sharding!r}")
+    if m.bank_sharding == "sharded" and not m.nce_k:
+      raise ConfigError("method.bank_sharding=sharded needs NCE (nce_k > 0): the full softmax (nce_k 0) reads "
+                        "every row on every device")
+
+  @classmethod
+  def check_mesh(cls, cfg, num_devices):
+    if cfg.method.bank_sharding == "sharded" and BANK_ROW_MULTIPLE % num_devices:
+      raise ConfigError(f"method.bank_sharding=sharded splits the bank's rows (a multiple of {BANK_ROW_MULTIPLE}) "
+                        f"over the devices: use a power-of-two number of devices, not {num_devices}")
 
   @classmethod
   def apply_tiny(cls, cfg):
@@ -64,6 +86,8 @@ class InstDisc(base.Method):
 
   def __init__(self, config, data=None):
     super().__init__(config, data)
+    self.sharded = config.method.bank_sharding == "sharded"
+    self.updated_in_loss = ("bank",) if self.sharded else ()
     self.encoder = base.build_encoder(config)
     # lemniscate's models replace the fc with Linear(features, low_dim) (with bias), then Normalize.
     self.network = base.Network(encoder=self.encoder,
@@ -77,13 +101,17 @@ class InstDisc(base.Method):
                        "(methods.get(config, DataFacts(...)))")
     return self.data.num_train_examples
 
+  def state_specs(self):
+    return {"bank": P(parallel.DATA)} if self.sharded else {}
+
   def init(self, rng, batch):
     rng_net, rng_bank = jax.random.split(rng)
     params, batch_stats = base.init_network(self.network, rng_net, batch["views"][0])
     d = self.config.method.feature_dim
     # NCEAverage.py / LinearAverage.py: uniform in [-stdv, stdv], stdv = 1 / sqrt(d / 3), not normalized.
     stdv = 1.0 / math.sqrt(d / 3.0)
-    bank = jax.random.uniform(rng_bank, (self.bank_size, d), minval=-stdv, maxval=stdv)
+    rows = -(-self.bank_size // BANK_ROW_MULTIPLE) * BANK_ROW_MULTIPLE
+    bank = jax.random.uniform(rng_bank, (rows, d), minval=-stdv, maxval=stdv)
     return params, batch_stats, {"bank": bank, "z": jnp.full((), -1.0, jnp.float32)}
 
   def negatives(self, rng, index):
@@ -100,10 +128,11 @@ class InstDisc(base.Method):
                                               base.dropout_key(rng, 0))
     f = losses.l2_normalize(z.astype(jnp.float32))
     index = batch["index"].astype(jnp.int32)
-    bank = method_state["bank"]
-    metrics = {}
+    bank = method_state["bank"]  # sharded: this device's rows
+    take = (lambda idx: parallel.row_sharded_take(bank, idx)) if self.sharded else (lambda idx: bank[idx])
+    metrics, updates = {}, {}
     if m.nce_k:
-      rows = bank[self.negatives(jax.random.fold_in(rng, 1), index)]          # [n, K + 1, d]
+      rows = take(self.negatives(jax.random.fold_in(rng, 1), index))          # [n, K + 1, d]
       exp_logits = jnp.exp(jnp.einsum("nkd,nd->nk", jax.lax.stop_gradient(rows), f) / m.temperature)
       first = parallel.mean(jnp.mean(jax.lax.stop_gradient(exp_logits))) * self.bank_size
       norm = jnp.where(method_state["z"] < 0, first, method_state["z"])
@@ -111,15 +140,25 @@ class InstDisc(base.Method):
       metrics["z"] = norm
     else:
       norm = method_state["z"]
-      loss = losses.instdisc_softmax_loss(f, bank, index, m.temperature)
+      loss = losses.instdisc_softmax_loss(f, bank[:self.bank_size], index, m.temperature)
     if m.proximal_lambda:
-      own = jax.lax.stop_gradient(bank[index])
+      own = jax.lax.stop_gradient(take(index))
       loss = loss + m.proximal_lambda * jnp.mean(jnp.sum(jnp.square(f - own), axis=-1))
+    features = jax.lax.stop_gradient(f)
+    if self.sharded:
+      # Each device writes the rows it owns among the global batch's (update_state does this for a
+      # replicated bank).
+      all_index, all_features = parallel.all_gather(index), parallel.all_gather(features)
+      owned = parallel.row_sharded_local(bank, all_index)
+      updates["bank"] = parallel.row_sharded_set(
+          bank, all_index, losses.memory_bank_update(owned, all_features, m.bank_momentum))
     return loss, base.LossOutput(batch_stats=batch_stats, metrics=metrics, representation=h, embedding=f,
-                                 state_stats={"z": norm},
-                                 per_example={"index": index, "features": jax.lax.stop_gradient(f)})
+                                 state_stats={"z": norm}, state_updates=updates,
+                                 per_example={} if self.sharded else {"index": index, "features": features})
 
   def update_state(self, method_state, params, state_stats, per_example, step):
+    if self.sharded:  # the bank was updated in the loss
+      return {"bank": method_state["bank"], "z": state_stats["z"]}
     index = per_example["index"]  # [N], the global batch's dataset indices
     bank = method_state["bank"]
     new_rows = losses.memory_bank_update(bank[index], per_example["features"], self.config.method.bank_momentum)
