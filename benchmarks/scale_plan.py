@@ -13,6 +13,10 @@ lowered and compiled for a mesh of that many simulated CPU devices. From the com
     # The ViT rows: MAE ViT-B/L/H and DINO ViT-S/16, ViT-B/8 at batch 4096, replicated and fully sharded
     python benchmarks/scale_plan.py --methods mae:vit_base,mae:vit_large,mae:vit_huge,dino:vit_small,\
         dino:vit_base8 --devices 64,256 --batches 4096 --sharding replicated,fsdp --crop 0
+    # InstDisc's ResNet-50 with the full ImageNet memory bank, replicated and split over the devices
+    python benchmarks/scale_plan.py --methods instdisc --devices 128 --batches 256
+    python benchmarks/scale_plan.py --methods instdisc --devices 128 --batches 256 \
+        --set method.bank_sharding=sharded
 
 Caveats, printed with the table: the memory is XLA:CPU's analysis of the same sharded program, not the
 TPU compiler's (layouts, fusion and rematerialization differ; treat it as an order of magnitude and for
@@ -24,6 +28,7 @@ slice has 128) and one TPU v4 chip (a v4-64 slice has 32).
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import pathlib
 import sys
@@ -47,11 +52,13 @@ def parse_args(argv=None):
   p.add_argument("--crop", type=int, default=224, help="every view's size (0: the config's own sizes)")
   p.add_argument("--sharding", default="replicated", help="state layouts (config.sharding), comma-separated")
   p.add_argument("--utilization", type=float, default=0.5, help="assumed fraction of peak FLOP/s")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config setting for every row, e.g. method.bank_sharding=sharded (repeatable)")
   return p.parse_args(argv)
 
 
 def compile_step(method_name: str, num_devices: int, batch_size: int, dtype: str, crop: int,
-                 sharding: str = "replicated"):
+                 sharding: str = "replicated", settings=()):
   """(memory analysis, cost analysis, compile seconds, parameter count) of one train step; nothing is
   executed. method_name: `name` (configs/name.py:imagenet) or `name:variant`."""
   import jax
@@ -64,6 +71,17 @@ def compile_step(method_name: str, num_devices: int, batch_size: int, dtype: str
   cfg.batch_size = batch_size
   cfg.model.dtype = dtype
   cfg.sharding = sharding
+  for setting in settings:  # KEY=VALUE, the value a Python literal or a bare string
+    key, _, value = setting.partition("=")
+    node = cfg
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    node[last] = value
   if crop:
     for view in cfg.views.values():
       view.crop_size = crop
@@ -121,7 +139,8 @@ def main(argv=None):
             print(f"skip {method_name} batch {b} on {n} devices (not divisible)", flush=True)
             continue
           try:
-            memory, cost, seconds, num_params = compile_step(method_name, n, b, args.dtype, args.crop, sharding)
+            memory, cost, seconds, num_params = compile_step(method_name, n, b, args.dtype, args.crop, sharding,
+                                                            args.set)
           except Exception as e:  # a failed compile (e.g. out of host memory) is a row, not the end
             print(f"{method_name} devices={n} batch={b} {sharding}: failed: {type(e).__name__}: {str(e)[:200]}",
                   flush=True)
@@ -130,7 +149,8 @@ def main(argv=None):
                    - memory.alias_size_in_bytes)
           flops = float(cost.get("flops", 0.0))
           projected = [flops / (peak * args.utilization) for peak in PEAK_FLOPS.values()]
-          row = (f"| {method_name} | {num_params / 1e6:.1f} | {sharding} | {n} | {b} | {b // n} | "
+          label = " ".join([method_name, *args.set])
+          row = (f"| {label} | {num_params / 1e6:.1f} | {sharding} | {n} | {b} | {b // n} | "
                  f"{total / 2**30:.2f} | {memory.temp_size_in_bytes / 2**30:.2f} | {flops / 1e9:.0f} | " +
                  " | ".join(f"{t:.3f}" for t in projected) + f" | {seconds:.0f} |")
           rows.append(row)
