@@ -30,5 +30,5 @@ def test_mae_reconstruction_notebook_runs(tmp_path, monkeypatch):
   for _, _, trained, random in rows:
     for value in (float(trained), float(random)):
       assert math.isfinite(value) and 0 < value < 10, text
-  # norm_pix targets have unit variance per patch: a network that predicts ~0 scores about 1.
-  assert 0.5 < float(mean.group(2)) < 2.0, text
+  # norm_pix targets have unit variance per patch: predicting 0 scores about 1, a random decoder about 2.
+  assert 0.5 < float(mean.group(2)) < 4.0, text
