@@ -250,3 +250,26 @@ def test_bad_bank_settings_fail_in_one_line(change, devices, message):
   cfg.batch_size = 48
   with pytest.raises(ConfigError, match=message):
     config_lib.validate(cfg, devices)
+
+
+def test_proximal_term_adds_lambda_times_the_squared_distance_to_the_bank():
+  """The paper's proximal regularization (section 3.4), off in the recipes: the loss grows by
+  lambda * mean ||f_i - v_i||^2 with v_i the example's bank row."""
+  cfg = config_lib.resolve(instdisc_config(nce_k=16), NUM_TRAIN)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  batch = {k: jnp.asarray(v) for k, v in random_batch(cfg, 5).items()}
+  losses_at = {}
+  for lam in (0.0, 3.0):
+    cfg.method.proximal_lambda = lam
+    method = methods.get(cfg, methods.DataFacts(NUM_TRAIN, cfg.batch_size))
+    params, stats, state = method.init(jax.random.PRNGKey(0), batch)
+    state["z"] = jnp.asarray(200.0)
+
+    def per_device(b):
+      loss, out = method.loss(params, stats, state, b, jax.random.PRNGKey(1), 0)
+      return parallel.mean(loss), out.embedding
+
+    losses_at[lam], f = jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"),), out_specs=(P(), P("data")))(batch)
+  v = np.asarray(state["bank"])[np.asarray(batch["index"])]
+  want = 3.0 * np.mean(np.sum((np.asarray(f) - v) ** 2, axis=-1))
+  np.testing.assert_allclose(losses_at[3.0] - losses_at[0.0], want, rtol=1e-4)
