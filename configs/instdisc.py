@@ -25,6 +25,7 @@ Variants (combine a dataset variant with `tiny`):
       python -m ssl_jax.main --config=configs/instdisc.py:cifar10 --config.data_dir=DIR --workdir=W
 * `tiny` -- ResNet-18 at width 16, 64-d features (NCE: at most 1024 negatives), for CPU runs and tests.
 
+The ResNets are lemniscate's (torchvision's of 2018: no zero-init of the residual branches' last BN).
 Deviations: the augmentations run in this library's order (crop, flip, jitter, grayscale); lemniscate
 applies grayscale before the jitter. Batch norm is global over the devices (lemniscate's DataParallel
 normalizes over the whole batch too).
@@ -41,6 +42,8 @@ def get_config(arg=None):
                        warmup_epochs=0.0, exclude_bias_and_norm=False, schedule="steps")
   aug = dict(crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4, color_jitter_prob=1.0,
              grayscale_prob=0.2, blur_prob=0.0)
+  # lemniscate's models/resnet.py (the torchvision code of 2018): no zero-init of the blocks' last BN.
+  cfg.model.zero_init_residual = False
   if "imagenet" in variants:
     cfg.dataset = "imagenet2012"
     cfg.cache_dataset = False
