@@ -149,11 +149,10 @@ def row_sharded_take(local_rows: jax.Array, indices: jax.Array) -> jax.Array:
   `local_rows` [R, ...]): this device's lookups `indices` [n, ...] (global row numbers) -> [n, ..., row].
   Every device's requests are gathered (all_gather), each device answers those it owns (zeros elsewhere),
   and the answers are summed back to the device that asked (psum_scatter): the table is never gathered."""
-  per_device = local_rows.shape[0]
   wanted = all_gather(indices)                                   # [D n, ...]
-  local = wanted - device_index() * per_device
-  mine = (local >= 0) & (local < per_device)
-  rows = jnp.take(local_rows, jnp.clip(local, 0, per_device - 1), axis=0)
+  local = wanted - device_index() * local_rows.shape[0]
+  mine = (local >= 0) & (local < local_rows.shape[0])
+  rows = row_sharded_local(local_rows, wanted)
   rows = jnp.where(mine.reshape(mine.shape + (1,) * (rows.ndim - mine.ndim)), rows, 0)
   return jax.lax.psum_scatter(rows, DATA, scatter_dimension=0, tiled=True)
 
