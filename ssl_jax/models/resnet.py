@@ -1,5 +1,9 @@
 """ResNet v1 (He et al. 2016) in Flax linen, as used by SimCLR, BYOL and MoCo.
 
+`norm="layer"` replaces every batch norm by layer normalization over each example's (height, width,
+channels) with a per-channel scale and bias (GroupNorm with one group): CPC v2's encoder (Henaff et al.
+2020, section 4.1), whose patches must not share batch statistics. Such a ResNet has no batch_stats.
+
 Batch-norm statistics are computed over `bn_axis_name` when it is set: inside the sharded step the mesh
 axis is "data", so the statistics are global over every device and process (SimCLR section 2.3: "global
 BN"). With `bn_axis_name=None` each device normalizes with its own batch only (MoCo's per-GPU BN).
@@ -76,6 +80,8 @@ class BottleneckBlock(nn.Module):
     return nn.relu(residual + y)
 
 
+NORMS = ("batch", "layer")
+
 STAGES = {
     18: ((2, 2, 2, 2), BasicBlock),
     34: ((3, 4, 6, 3), BasicBlock),
@@ -100,6 +106,7 @@ class ResNet(nn.Module):
     zero_init_residual: the last BN scale of each residual block starts at 0 (True) or 1 (_last_bn_scale_init).
     conv_impl: "xla" (flax.linen.Conv), "patches" (faster kernel gradients on CPU) or "winograd" (3x3
       convolutions by Winograd F(4x4, 3x3), fastest on CPU at width 64); see models/conv.py.
+    norm: "batch" (BatchNorm) or "layer" (per-example normalization over h, w, c: no batch statistics).
   """
 
   stage_sizes: Sequence[int]
@@ -113,20 +120,24 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   zero_init_residual: bool = True
   conv_impl: str = "xla"
+  norm: str = "batch"
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     """x: [batch, height, width, 3] -> [batch, features] float32."""
     conv = functools.partial(conv_class(self.conv_impl), use_bias=False, dtype=self.dtype, kernel_init=conv_init,
                              padding="SAME")
-    norm = functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        momentum=self.bn_momentum,
-        epsilon=self.bn_epsilon,
-        dtype=self.dtype,
-        axis_name=self.bn_axis_name if train else None,
-    )
+    if self.norm == "layer":
+      norm = functools.partial(nn.GroupNorm, num_groups=1, epsilon=self.bn_epsilon, dtype=self.dtype)
+    else:
+      norm = functools.partial(
+          nn.BatchNorm,
+          use_running_average=not train,
+          momentum=self.bn_momentum,
+          epsilon=self.bn_epsilon,
+          dtype=self.dtype,
+          axis_name=self.bn_axis_name if train else None,
+      )
     width = self.width * self.width_multiplier
     x = x.astype(self.dtype)
     if self.cifar_stem:
@@ -156,6 +167,7 @@ def default_config() -> dict:
   """The `model.*` settings of model.name="resnet" (ResNet-50, ImageNet stem)."""
   return dict(name="resnet", depth=50, width=64, width_multiplier=1, cifar_stem=False, dtype="float32",
               bn_momentum=0.9, zero_init_residual=True,
+              norm="batch",       # "layer": CPC v2's ResNet, no batch statistics
               conv_impl="xla")  # CPU only: "patches", "winograd" (models/conv.py; benchmarks/simclr_step.py)
 
 
@@ -163,7 +175,7 @@ def build(m, dtype, bn_axis_name: Optional[str]) -> ResNet:
   """The ResNet of the `model.*` settings `m`."""
   return create_resnet(m.depth, width=m.width, width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem,
                        dtype=dtype, bn_axis_name=bn_axis_name, bn_momentum=m.bn_momentum,
-                       zero_init_residual=m.zero_init_residual, conv_impl=m.conv_impl)
+                       zero_init_residual=m.zero_init_residual, conv_impl=m.conv_impl, norm=m.norm)
 
 
 def apply_tiny(m) -> None:
@@ -177,4 +189,6 @@ def check(m, platform: str = "", steps_per_loop: int = 1) -> None:
     raise ConfigError(f"model.depth must be one of {sorted(STAGES)} for a ResNet, got {m.depth}")
   if m.width <= 0 or m.width_multiplier <= 0:
     raise ConfigError(f"model.width and model.width_multiplier must be > 0, got {m.width}, {m.width_multiplier}")
+  if m.norm not in NORMS:
+    raise ConfigError(f"model.norm must be one of {NORMS}, got {m.norm!r}")
   conv.check(m.conv_impl, platform, steps_per_loop)
