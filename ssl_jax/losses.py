@@ -574,3 +574,21 @@ def instdisc_softmax_loss(f, bank, labels, temperature):
 def memory_bank_update(rows, f, momentum):
   """The rows written back (lemniscate NCEAverage.py l.62-68): normalize(m v + (1 - m) f), no gradient."""
   return l2_normalize(momentum * rows + (1.0 - momentum) * jax.lax.stop_gradient(f))
+
+
+def cpc_infonce(preds, targets_all, offset: int, first_example, grid: int):
+  """CPC's InfoNCE for one prediction offset (Henaff et al. 2020, appendix A.2), with accuracy.
+
+  preds [n, grid - offset, grid, t]: the predictions of this device's n images made from context rows
+  0 .. grid - offset - 1 for the patch `offset` rows below; targets_all [N grid^2, t]: every patch's target
+  of the global batch (image-major, then row, then column). The positive of prediction (b, r, c) is
+  target (first_example + b, r + offset, c); every other patch of every image is a negative. Returns (mean
+  cross-entropy over the n (grid - offset) grid predictions, fraction whose highest logit is the positive)."""
+  n, rows, cols, t = preds.shape
+  logits = preds.reshape(-1, t) @ targets_all.T
+  image = first_example + jnp.arange(n)[:, None, None]
+  row = jnp.arange(rows)[None, :, None] + offset
+  col = jnp.arange(cols)[None, None, :]
+  labels = (image * grid * grid + row * grid + col).reshape(-1)
+  accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+  return softmax_cross_entropy(logits, labels), accuracy

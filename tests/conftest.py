@@ -73,7 +73,7 @@ def flip_bytes(checkpoint: pathlib.Path, count: int = 4096) -> pathlib.Path:
 # handed out in collection order, two at a time: starting the long ones first keeps both workers busy to
 # the end instead of leaving one file running alone. Order within a file is unchanged.
 LONGEST_FIRST = ("test_train.py", "test_multihost.py", "test_sharding.py", "test_vit_methods.py",
-                 "test_instdisc.py", "test_finetune.py", "test_reliability.py", "test_notebook_dino.py",
+                 "test_instdisc.py", "test_cpc.py", "test_finetune.py", "test_reliability.py", "test_notebook_dino.py",
                  "test_swav.py", "test_evaluate.py", "test_mae.py", "test_dead_peer.py", "test_notebook.py",
                  "test_supervised.py")
 

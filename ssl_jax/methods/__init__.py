@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ssl_jax.methods import (barlow_twins, byol, dino, instdisc, mae, moco, moco_v3, simclr, simsiam, swav,
-                             vicreg)
+from ssl_jax.methods import (barlow_twins, byol, cpc, dino, instdisc, mae, moco, moco_v3, simclr, simsiam,
+                             swav, vicreg)
 from ssl_jax.methods.base import DataFacts, Method
 from ssl_jax.errors import ConfigError
 from ssl_jax.registry import Registry
@@ -23,6 +23,7 @@ METHODS.register("moco_v3")(moco_v3.MoCoV3)
 METHODS.register("dino")(dino.DINO)
 METHODS.register("mae")(mae.MAE)
 METHODS.register("instdisc")(instdisc.InstDisc)
+METHODS.register("cpc_v2")(cpc.CPCv2)
 
 
 def get(config, data: Optional[DataFacts] = None) -> Method:
