@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import REPO, set_keys
 from ssl_jax import config as config_lib
+from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import losses, methods, parallel, train
 from ssl_jax.errors import ConfigError
 from test_vit_methods import assert_trees_close, random_batch, run_steps
@@ -164,7 +165,7 @@ def test_eight_devices_equal_one_and_the_bank_takes_the_batch(nce_k):
     assert zs == [-1.0, -1.0, -1.0]
 
 
-def test_stopped_run_resumes_with_its_bank_and_z(tmp_path):
+def test_stopped_run_resumes_with_its_bank_and_z_in_either_layout(tmp_path):
   cfg = instdisc_config(nce_k=64, batch=32)
   cfg.data_dir = str(REPO / "ssl_jax" / "data" / "embedded")
   cfg.total_steps = 4
@@ -180,6 +181,17 @@ def test_stopped_run_resumes_with_its_bank_and_z(tmp_path):
   assert z > 0 and whole["state"].method_state["bank"].shape == (4096, 64)
   rows = [json.loads(line) for line in pathlib.Path(tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["z"] == z for r in rows)
+  # The replicated bank's checkpoint restores into the sharded layout (evaluation, or a run continued with
+  # bank_sharding=sharded): the same rows, each device holding its slice.
+  sharded = instdisc_config(nce_k=64, batch=32)
+  sharded.method.bank_sharding = "sharded"
+  mesh = parallel.make_mesh()
+  _, method, target, *_ = train.build(sharded, mesh, 4000, 10)
+  restored = ckpt_lib.Manager(str(tmp_path / "whole"), sharded, create=False).restore(4, target)
+  assert restored.method_state["bank"].sharding.spec == P("data")
+  np.testing.assert_array_equal(jax.device_get(restored.method_state["bank"]),
+                                jax.device_get(whole["state"].method_state["bank"]))
+  assert float(restored.method_state["z"]) == z
   shutil.rmtree(tmp_path / "whole")
 
 
