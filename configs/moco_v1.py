@@ -30,6 +30,8 @@ def get_config(arg=None):
              color_jitter_prob=1.0, grayscale_prob=0.2, blur_prob=0.0)
   cfg.optimizer.update(name="sgd", lr_scaling="linear", momentum=0.9, warmup_epochs=0.0,
                        exclude_bias_and_norm=False, schedule="steps")
+  # main_moco.py: torchvision's ResNet with its default zero_init_residual=False.
+  cfg.model.zero_init_residual = False
   if "imagenet" in variants:
     cfg.dataset = "imagenet2012"
     cfg.batch_size = 256

@@ -27,6 +27,9 @@ def get_config(arg=None):
   # MoCo v2 "aug+": torchvision ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale 0.2, blur p=0.5.
   aug = dict(crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
              color_jitter_prob=0.8, grayscale_prob=0.2)
+  # main_moco.py builds torchvision's ResNet with its default zero_init_residual=False (solo-learn's CIFAR
+  # backbones are the same torchvision models): no zero-init of the blocks' last BN.
+  cfg.model.zero_init_residual = False
   # The official code decays every parameter, BN and biases included, and uses no warm-up.
   cfg.optimizer.update(name="sgd", lr_scaling="linear", momentum=0.9, warmup_epochs=0.0,
                        exclude_bias_and_norm=False)

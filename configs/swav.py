@@ -52,6 +52,9 @@ def get_config(arg=None):
   # brightness: simclrv2) with p 0.8, grayscale 0.2, Gaussian blur (radius 0.1-2) p 0.5, flip, on every crop.
   jitter = dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, color_jitter_prob=0.8,
                 grayscale_prob=0.2, color_jitter_impl="simclrv2")
+  # src/resnet50.py: ResNet(zero_init_residual=False) by default, and main_swav.py does not set it;
+  # solo-learn's CIFAR backbone is torchvision's ResNet-18, whose default is the same.
+  cfg.model.zero_init_residual = False
   if variants & {"imagenet", "imagenet_bs256"}:
     cfg.dataset = "imagenet2012"
     cfg.cache_dataset = False

@@ -31,6 +31,10 @@ def swav_config(**optimizer):
   cfg.batch_size = BATCH
   cfg.total_steps = 10
   cfg.model.width = 8
+  # Zero-init residual branches (not SwAV's init): with the torchvision init the Sinkhorn's exp(s / 0.05)
+  # of this random tiny network amplifies float32 summation-order differences between meshes to ~1e-5 in
+  # two steps, beyond what the 8 == 1 comparison below tolerates; the init is not what it tests.
+  cfg.model.zero_init_residual = True
   cfg.method.update(queue_length=QUEUE, queue_start_epoch=0.0)
   cfg.optimizer.update(name="sgd", base_learning_rate=0.1, lr_scaling="none", momentum=0.0, weight_decay=0.0,
                        warmup_epochs=0.0, groups=())
