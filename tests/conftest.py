@@ -92,3 +92,23 @@ def set_keys(cfg, overrides):
       node = node[p]
     node[last] = value
   return cfg
+
+
+def stop_and_resume(cfg, tmp_path, steps: int = 4):
+  """Trains `cfg` on the embedded subset for `steps` steps twice: uninterrupted in tmp_path/whole, and in
+  tmp_path/parts stopped at steps / 2 (a checkpoint every steps / 2) then resumed; asserts the two final
+  states are equal bit for bit and returns (whole, parts), train.train's results."""
+  import jax
+  import numpy as np
+  from ssl_jax import train
+  cfg.data_dir = str(REPO / "ssl_jax" / "data" / "embedded")
+  cfg.total_steps = steps
+  cfg.log_every_steps = 1
+  cfg.checkpoint_every_steps = steps // 2
+  cfg.shuffle_buffer = 256
+  whole = train.train(cfg, str(tmp_path / "whole"))
+  assert train.train(cfg, str(tmp_path / "parts"), stop_at_step=steps // 2)["step"] == steps // 2
+  parts = train.train(cfg, str(tmp_path / "parts"))
+  for a, b in zip(jax.tree.leaves(jax.device_get(whole["state"])), jax.tree.leaves(jax.device_get(parts["state"]))):
+    np.testing.assert_array_equal(a, b)
+  return whole, parts

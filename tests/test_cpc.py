@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, set_keys
+from conftest import REPO, set_keys, stop_and_resume
 from ssl_jax import config as config_lib
-from ssl_jax import losses, methods, parallel, train
+from ssl_jax import losses, methods, parallel
 from ssl_jax.errors import ConfigError
 from ssl_jax.methods import cpc
 from test_vit_methods import assert_trees_close, random_batch, run_steps
@@ -69,7 +69,7 @@ def test_context_never_sees_the_rows_it_predicts(direction):
   """In `direction`'s frame, changing grid row r (and below) never changes the contexts of rows above it,
   nor any prediction made from them; changing a row above does change a context below."""
   g, d = 7, 6
-  module = cpc.Predictors((direction,), hidden=8, blocks=3, target_dim=5, offsets=(1, 3), emb_scale=0.1)
+  module = cpc.Predictors(hidden=8, blocks=3, target_dim=5, offsets=(1, 3), emb_scale=0.1, directions=(direction,))
   z = jax.random.normal(jax.random.PRNGKey(0), (2, g, g, d))
   params = module.init(jax.random.PRNGKey(1), z)
 
@@ -189,16 +189,7 @@ def test_stopped_run_resumes_exactly_and_evaluation_reads_the_grid(tmp_path):
   from ssl_jax.evaluate import run
   from ssl_jax.evaluate import workdir as eval_workdir
   cfg = cpc_config()
-  cfg.data_dir = str(REPO / "ssl_jax" / "data" / "embedded")
-  cfg.total_steps = 4
-  cfg.log_every_steps = 1
-  cfg.checkpoint_every_steps = 2
-  cfg.shuffle_buffer = 256
-  whole = train.train(cfg, str(tmp_path / "whole"))
-  assert train.train(cfg, str(tmp_path / "parts"), stop_at_step=2)["step"] == 2
-  parts = train.train(cfg, str(tmp_path / "parts"))
-  for a, b in zip(jax.tree.leaves(jax.device_get(whole["state"])), jax.tree.leaves(jax.device_get(parts["state"]))):
-    np.testing.assert_array_equal(a, b)
+  whole, parts = stop_and_resume(cfg, tmp_path)
   # Evaluation restores the checkpoint and reads the grid's mean patch vectors of its (unaugmented) images.
   saved = eval_workdir.load_config(str(tmp_path / "parts"))
   encoder = run.Encoder(saved, parallel.make_mesh())

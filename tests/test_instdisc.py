@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO, set_keys
+from conftest import REPO, set_keys, stop_and_resume
 from ssl_jax import config as config_lib
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import losses, methods, parallel, train
@@ -167,16 +167,7 @@ def test_eight_devices_equal_one_and_the_bank_takes_the_batch(nce_k):
 
 def test_stopped_run_resumes_with_its_bank_and_z_in_either_layout(tmp_path):
   cfg = instdisc_config(nce_k=64, batch=32)
-  cfg.data_dir = str(REPO / "ssl_jax" / "data" / "embedded")
-  cfg.total_steps = 4
-  cfg.log_every_steps = 1
-  cfg.checkpoint_every_steps = 2
-  cfg.shuffle_buffer = 256
-  whole = train.train(cfg, str(tmp_path / "whole"))
-  assert train.train(cfg, str(tmp_path / "parts"), stop_at_step=2)["step"] == 2
-  parts = train.train(cfg, str(tmp_path / "parts"))
-  for a, b in zip(jax.tree.leaves(jax.device_get(whole["state"])), jax.tree.leaves(jax.device_get(parts["state"]))):
-    np.testing.assert_array_equal(a, b)
+  whole, parts = stop_and_resume(cfg, tmp_path)
   z = float(jax.device_get(whole["state"].method_state["z"]))
   assert z > 0 and whole["state"].method_state["bank"].shape == (4096, 64)
   rows = [json.loads(line) for line in pathlib.Path(tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]

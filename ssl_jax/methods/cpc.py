@@ -129,17 +129,11 @@ class Predictor(nn.Module):
     return targets, preds
 
 
-class Predictors(nn.Module):
-  """A Predictor per direction (its fields below), each reading the grid in its own frame (in_direction):
+class Predictors(Predictor):
+  """A Predictor (the fields above) per direction, each reading the grid in its own frame (in_direction):
   {direction: (targets, predictions)}."""
 
-  directions: Sequence[str]
-  hidden: int
-  blocks: int
-  target_dim: int
-  offsets: Sequence[int]
-  emb_scale: float
-  dtype: jnp.dtype = jnp.float32
+  directions: Sequence[str] = ("down",)
 
   @nn.compact
   def __call__(self, z):
@@ -187,9 +181,9 @@ class CPCv2(base.Method):
     self.grid, self.patch, self.stride = m.grid_size, m.patch_size, m.patch_stride
     self.crop = (self.grid - 1) * self.stride + self.patch
     self.encoder = base.build_encoder(config)
-    self.predictors = Predictors(tuple(m.directions), hidden=m.context_dim, blocks=m.context_blocks,
-                                 target_dim=m.target_dim, offsets=tuple(m.offsets), emb_scale=m.emb_scale,
-                                 dtype=base.dtype_of(config))
+    self.predictors = Predictors(hidden=m.context_dim, blocks=m.context_blocks, target_dim=m.target_dim,
+                                 offsets=tuple(m.offsets), emb_scale=m.emb_scale, dtype=base.dtype_of(config),
+                                 directions=tuple(m.directions))
 
   def patches(self, x):
     """[n, s, s, 3] -> [n, g, g, p, p, 3]; an input of another size is resized to the pre-training crop."""
