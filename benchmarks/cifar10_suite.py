@@ -94,6 +94,9 @@ def parse_args(argv=None):
   p.add_argument("--out", default=None, help="results JSON; default: WORKDIR/results.json")
   p.add_argument("--knn_k", type=int, default=200, help="kNN neighbours (lightly: 200)")
   p.add_argument("--knn_temperature", type=float, default=0.1, help="kNN temperature (lightly: 0.1)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config setting for every method after the budget's, e.g. model.zero_init_residual=True "
+                      "(repeatable; part of the budget a workdir holds)")
   args = p.parse_args(argv)
   args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   args.out = args.out or os.path.join(args.workdir, "results.json")
@@ -112,7 +115,7 @@ def budget(args) -> dict:
   """The settings a method's pre-training run is defined by: a workdir holds a run of exactly these."""
   return {"dataset": "cifar10", "data": data_name(args.data_dir), "epochs": args.epochs,
           "total_steps": args.total_steps, "batch_size": args.batch_size, "width": args.width,
-          "variants": args.variants}
+          "variants": args.variants, **({"settings": list(args.set)} if args.set else {})}
 
 
 def eval_settings(args) -> dict:
@@ -256,6 +259,7 @@ def method_config(name: str, args, num_train: int, conv_impl: str):
     if cfg.method.get(key, 0) > 0 and cfg.method[key] % args.batch_size:
       cfg.method[key] = args.batch_size * max(1, round(cfg.method[key] / args.batch_size))
   cfg.eval.update(knn_k=(args.knn_k,), knn_temperature=args.knn_temperature, linear_mode="fast")
+  config_lib.apply_settings(cfg, args.set)
   return cfg
 
 

@@ -28,7 +28,6 @@ slice has 128) and one TPU v4 chip (a v4-64 slice has 32).
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import pathlib
 import sys
@@ -71,17 +70,7 @@ def compile_step(method_name: str, num_devices: int, batch_size: int, dtype: str
   cfg.batch_size = batch_size
   cfg.model.dtype = dtype
   cfg.sharding = sharding
-  for setting in settings:  # KEY=VALUE, the value a Python literal or a bare string
-    key, _, value = setting.partition("=")
-    node = cfg
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    node[last] = value
+  config_lib.apply_settings(cfg, settings)
   if crop:
     for view in cfg.views.values():
       view.crop_size = crop

@@ -7,6 +7,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import math
 import pathlib
@@ -303,6 +304,28 @@ def add_view(cfg, name: str, num: int = 1, **settings) -> None:
   view["order"] = len(cfg.views)
   with cfg.views.unlocked():
     cfg.views[name] = ml_collections.ConfigDict(view)
+
+
+def set_value(cfg, key: str, value: Any) -> None:
+  """cfg's dotted `key` ("method.temperature") set to `value`; raises as the locked config does for a key
+  that does not exist."""
+  node = cfg
+  *path, last = key.split(".")
+  for part in path:
+    node = node[part]
+  node[last] = value
+
+
+def apply_settings(cfg, settings: Iterable[str]) -> None:
+  """KEY=VALUE strings (the benchmarks' --set) applied to cfg, each value a Python literal or a bare
+  string."""
+  for setting in settings:
+    key, _, text = setting.partition("=")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    set_value(cfg, key, value)
 
 
 def parse_variants(arg, known: Iterable[str], default: str) -> Set[str]:

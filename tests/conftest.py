@@ -85,12 +85,9 @@ def pytest_collection_modifyitems(config, items):
 
 def set_keys(cfg, overrides):
   """cfg with each dotted key of `overrides` ("method.temperature") set to its value."""
+  from ssl_jax import config as config_lib
   for key, value in overrides.items():
-    node = cfg
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+    config_lib.set_value(cfg, key, value)
   return cfg
 
 
