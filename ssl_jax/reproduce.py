@@ -25,8 +25,8 @@ from typing import Any, Optional, Sequence, Tuple
 IMAGENET_TRAIN_IMAGES = 1_281_167
 PEAK_FLOPS = {"v3 core": 61.5e12, "v4 chip": 275e12}
 UTILIZATION = 0.5
-GFLOP_COMMAND = ("python benchmarks/scale_plan.py --methods <config> --devices 8 --batches 64 --crop 0 "
-                 "(GFLOP/step/device / 8 images per device; 2026-12-04)")
+# GFLOP/step/device of this command (2026-12-04) divided by its 8 images per device.
+GFLOP_COMMAND = "python benchmarks/scale_plan.py --methods <config> --devices 8 --batches 64 --crop 0"
 WORKDIR = "gs://BUCKET/workdirs"
 DATA_DIR = "gs://BUCKET/tensorflow_datasets"
 
@@ -241,7 +241,8 @@ def markdown() -> str:
          "equal to it). Figures are ImageNet top-1 (%) as published; nothing here was run on ImageNet. Cost: "
          "pre-training",
          f"device-hours at {UTILIZATION:.0%} of bf16 peak (v3 core 61.5, v4 chip 275 TFLOP/s), from the FLOPs of one",
-         f"training image measured by `{GFLOP_COMMAND}`; input, collectives and evaluation not counted.",
+         "training image (all its views, forward and backward) that XLA's cost analysis gives for the compiled step:",
+         f"`{GFLOP_COMMAND}`, per device / 8 images (2026-12-04). Input, collectives and evaluation are not counted.",
          "Read it as a lower bound: SimCLR's paper (section 2.2) trained its ResNet-50 at batch 4096 for 100 epochs",
          "in about 1.5 hours on 128 v3 cores, 192 core-hours, 3.5 times the 56 this projection gives for 100 epochs.",
          ""]
