@@ -109,3 +109,16 @@ def stop_and_resume(cfg, tmp_path, steps: int = 4):
   for a, b in zip(jax.tree.leaves(jax.device_get(whole["state"])), jax.tree.leaves(jax.device_get(parts["state"]))):
     np.testing.assert_array_equal(a, b)
   return whole, parts
+
+
+def numeric_grad(fn, x, eps: float = 1e-6):
+  """Central differences of the scalar function `fn` at the float64 array `x`: what a loss's gradient is
+  checked against."""
+  import numpy as np
+  x = np.array(x, np.float64)
+  g = np.zeros_like(x)
+  for i in np.ndindex(x.shape):
+    d = np.zeros_like(x)
+    d[i] = eps
+    g[i] = (fn(x + d) - fn(x - d)) / (2 * eps)
+  return g

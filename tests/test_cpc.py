@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, set_keys, stop_and_resume
+from conftest import REPO, numeric_grad, set_keys, stop_and_resume
 from ssl_jax import config as config_lib
 from ssl_jax import losses, methods, parallel
 from ssl_jax.errors import ConfigError
@@ -127,18 +127,10 @@ def test_infonce_matches_a_direct_computation():
     assert float(accuracy) == want_accuracy and want_accuracy > 0
     g_preds, g_targets = jax.grad(lambda p, t: ours(p, t)[0], argnums=(0, 1))(jnp.asarray(preds), jnp.asarray(targets_all))
 
-  def numeric(fn, x, eps=1e-5):
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-      d = np.zeros_like(x)
-      d[i] = eps
-      g[i] = (fn(x + d) - fn(x - d)) / (2 * eps)
-    return g
-
-  np.testing.assert_allclose(np.asarray(g_preds), numeric(
-      lambda p: _direct_infonce(p, targets_all, offset, first, grid)[0], preds), rtol=1e-3, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(g_targets), numeric(
-      lambda t: _direct_infonce(preds, t, offset, first, grid)[0], targets_all), rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(g_preds), numeric_grad(
+      lambda p: _direct_infonce(p, targets_all, offset, first, grid)[0], preds, 1e-5), rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(g_targets), numeric_grad(
+      lambda t: _direct_infonce(preds, t, offset, first, grid)[0], targets_all, 1e-5), rtol=1e-3, atol=1e-6)
 
 
 def test_layer_norm_encoder_and_the_representation():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO, set_keys, stop_and_resume
+from conftest import REPO, numeric_grad, set_keys, stop_and_resume
 from ssl_jax import config as config_lib
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import losses, methods, parallel, train
@@ -22,15 +22,6 @@ from ssl_jax.errors import ConfigError
 from test_vit_methods import assert_trees_close, random_batch, run_steps
 
 NUM_TRAIN = 64
-
-
-def _numeric_grad(fn, x, eps=1e-6):
-  g = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    d = np.zeros_like(x)
-    d[i] = eps
-    g[i] = (fn(x + d) - fn(x - d)) / (2 * eps)
-  return g
 
 
 def _direct_nce(f, rows, t, z, n_data, eps=1e-7):
@@ -68,7 +59,7 @@ def test_nce_loss_matches_a_direct_computation():
   with jax.enable_x64(True):
     np.testing.assert_allclose(float(ours(f)), _direct_nce(f, rows, t, z, n_data), rtol=1e-10)
     grad = np.asarray(jax.grad(ours)(jnp.asarray(f)))
-  np.testing.assert_allclose(grad, _numeric_grad(lambda x: _direct_nce(x, rows, t, z, n_data), f), rtol=1e-5,
+  np.testing.assert_allclose(grad, numeric_grad(lambda x: _direct_nce(x, rows, t, z, n_data), f), rtol=1e-5,
                              atol=1e-7)
 
 
@@ -86,7 +77,7 @@ def test_softmax_loss_matches_a_direct_computation():
     # No gradient reaches the bank.
     bank_grad = jax.grad(lambda b: losses.instdisc_softmax_loss(jnp.asarray(f), b, jnp.asarray(labels), t))(
         jnp.asarray(bank))
-  np.testing.assert_allclose(grad, _numeric_grad(lambda x: _direct_softmax(x, bank, labels, t), f), rtol=1e-4,
+  np.testing.assert_allclose(grad, numeric_grad(lambda x: _direct_softmax(x, bank, labels, t), f), rtol=1e-4,
                              atol=1e-6)
   assert not np.asarray(bank_grad).any()
 

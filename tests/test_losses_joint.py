@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import numeric_grad
 from ssl_jax import losses, parallel
 
 D = parallel.DATA
@@ -16,18 +17,6 @@ D = parallel.DATA
 
 # ---------------------------------------------------------------------------------------------------------
 # Independent references: float64 numpy, one scalar at a time.
-
-def numeric_grad(f, x, h=1e-6):
-  """Central finite differences of a scalar numpy function f at x (float64)."""
-  x = np.array(x, np.float64)
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    up, down = x.copy(), x.copy()
-    up[idx] += h
-    down[idx] -= h
-    g[idx] = (f(up) - f(down)) / (2 * h)
-  return g
-
 
 def cosine(a, b):
   dot = sum(a[k] * b[k] for k in range(len(a)))
