@@ -323,7 +323,8 @@ setup_workers() {
 
 # launch_job JOB PYTHON_ARGS...: starts `python PYTHON_ARGS` in the code directory on every worker, under
 # setsid + nohup so that it outlives the ssh session; ~/ssl_jax-runs/JOB.log gets its output, JOB.pid the
-# python process id (what `stop` signals), JOB.rc its exit status. Refuses while another job runs.
+# python process id (what `stop` signals), JOB.rc its exit status. Refuses while another job runs. Returns
+# once JOB.pid exists (at most 30 s), so that a status check right after the launch sees the job running.
 launch_job() {
   local job=$1 arg python_cmd=python runs="\$HOME/$REMOTE_RUNS" inner remote
   shift
@@ -342,7 +343,9 @@ launch_job() {
     "cd \"\$HOME/$REMOTE_SRC\"" \
     "rm -f \"$runs/$job.pid\" \"$runs/$job.rc\"" \
     "ln -sfn \"$job.log\" \"$runs/latest.log\"" \
-    "setsid nohup bash -c $(shquote "$inner") > \"$runs/$job.log\" 2>&1 < /dev/null & echo \"\$(hostname): started $job (log ~/$REMOTE_RUNS/$job.log)\"")
+    "i=0" \
+    "setsid nohup bash -c $(shquote "$inner") > \"$runs/$job.log\" 2>&1 < /dev/null & while [ ! -s \"$runs/$job.pid\" ] && [ \$i -lt 300 ]; do sleep 0.1; i=\$((i + 1)); done" \
+    "echo \"\$(hostname): started $job (log ~/$REMOTE_RUNS/$job.log)\"")
   tpu_ssh all "$remote"
 }
 
