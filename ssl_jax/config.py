@@ -40,6 +40,13 @@ def base_config(method: str, model: str = "resnet") -> ml_collections.ConfigDict
   cfg.shuffle_buffer = 50_000
   cfg.data_shards = 0             # input streams making up each global batch; 0: one per process
   cfg.cache_dataset = True        # keep the decoded split in memory (small datasets)
+  # dataset=folder (ssl_jax/data/folder.py): data_dir is a directory of images. Without train/ and val/
+  # (or test/) subfolders, test_fraction of each class is held out, drawn with split_seed; image_size and
+  # eval_crop_proportion give the evaluation's centre crop, mean and std the normalization (ImageNet's);
+  # skip_bad leaves damaged files out, counted.
+  cfg.folder = ml_collections.ConfigDict(dict(
+      test_fraction=0.1, split_seed=0, image_size=224, eval_crop_proportion=0.875,
+      mean=datasets.IMAGENET_MEAN, std=datasets.IMAGENET_STD, skip_bad=False))
   cfg.normalize_inputs = True     # subtract the dataset mean, divide by its std (SimCLR's code does not)
   cfg.online_probe = True         # linear classifier on stop-gradient features, trained alongside
   cfg.skip_nonfinite_steps = 0    # 0: stop at the first step with a NaN/Inf; N: skip such updates, stop after N in a row
@@ -351,10 +358,15 @@ def validate(cfg, num_devices: int, num_processes: int = 1, platform: str = "") 
   def fail(msg):
     raise ConfigError(msg)
 
-  if cfg.dataset not in datasets.DATASETS:
-    fail(f"unknown dataset {cfg.dataset!r}; known: {', '.join(sorted(datasets.DATASETS))}")
+  if cfg.dataset not in datasets.DATASETS and cfg.dataset != "folder":
+    fail(f"unknown dataset {cfg.dataset!r}; known: {', '.join(sorted(datasets.DATASETS))}, folder")
   if not cfg.data_dir:
-    fail("data_dir is not set: pass --config.data_dir=DIR (a prepared TFDS directory)")
+    fail("data_dir is not set: pass --config.data_dir=DIR (a prepared TFDS directory, or a folder of "
+         "images with --config.dataset=folder)")
+  if cfg.dataset == "folder" and not (0 < cfg.folder.test_fraction < 1 and cfg.folder.image_size > 0
+                                      and 0 < cfg.folder.eval_crop_proportion <= 1):
+    fail(f"folder.test_fraction must lie in (0, 1), folder.image_size be > 0 and folder.eval_crop_proportion "
+         f"in (0, 1], got {cfg.folder.test_fraction}, {cfg.folder.image_size}, {cfg.folder.eval_crop_proportion}")
   if cfg.batch_size <= 0:
     fail(f"batch_size must be positive, got {cfg.batch_size}")
   if cfg.sharding not in parallel.SHARDINGS or cfg.fsdp_min_size < 1:

@@ -297,9 +297,9 @@ def train(config, workdir: str, stop_at_step: Optional[int] = None) -> Dict[str,
   mesh = parallel.make_mesh()
   config_lib.validate(config, mesh.size, jax.process_count(), mesh.devices.flat[0].platform)
   workdir_lib.check_train_workdir(workdir, config)
-  info = datasets.get(config.dataset)
+  info = datasets.of(config)
   # The split's record files against the dataset's metadata, before anything compiles (data/integrity.py).
-  builder = pipeline.get_builder(config.dataset, config.data_dir, splits=(info.pretrain_split,))
+  builder = pipeline.builder_of(config, splits=(info.pretrain_split,))
   num_train = pipeline.num_examples(builder, info.pretrain_split)
   if num_train // jax.process_count() < parallel.local_batch_size(config.batch_size):
     raise config_lib.ConfigError(

@@ -47,3 +47,11 @@ def get(name: str) -> DatasetInfo:
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
   return DATASETS[name]
+
+
+def of(cfg) -> DatasetInfo:
+  """The DatasetInfo of cfg.dataset; for dataset=folder read off the folder (folder.py)."""
+  if cfg.dataset == "folder":
+    from ssl_jax.data import folder
+    return folder.info(cfg)
+  return get(cfg.dataset)

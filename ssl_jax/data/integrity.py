@@ -271,6 +271,8 @@ def read_error(builder, split: str, error: Exception) -> Optional[DataError]:
   header where the split is small; the record at the byte offset TF names, in each file of the split (a
   few small reads per file, whatever the split's size); for splits small enough, every file read through
   by TF's reader."""
+  if hasattr(builder, "read_error"):  # a folder of images (folder.py) names its own errors
+    return builder.read_error(split, error)
   message = tf_message(error)
   parts = [_split_files(builder, name) for name in _split_names(split)]
   total = sum(size or 0 for files, _, _ in parts for size in _sizes(builder, files))

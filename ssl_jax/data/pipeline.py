@@ -64,6 +64,15 @@ def get_builder(dataset: str, data_dir: str, splits: Sequence[str] = ()) -> tfds
   return builder
 
 
+def builder_of(cfg, splits: Sequence[str] = ()):
+  """The builder of cfg.dataset: get_builder's, or for dataset=folder the indexed image folder (folder.py),
+  which has the methods of a TFDS builder that the pipeline uses."""
+  if cfg.dataset == "folder":
+    from ssl_jax.data import folder
+    return folder.builder(cfg)
+  return get_builder(cfg.dataset, cfg.data_dir, splits)
+
+
 class _NamedReadErrors:
   """Wraps a numpy batch iterator of `split`: a TF op error raised by next() (a record that fails its
   checksum, a file truncated or removed after the up-front check) becomes a one-line DataError naming the
@@ -156,9 +165,9 @@ def pretrain_batches(
   shards = num_data_shards(cfg, process_count)
   per_process = shards // process_count
   per_shard = local_batch // per_process
-  info = datasets.get(cfg.dataset)
+  info = datasets.of(cfg)
   split = split or info.pretrain_split
-  builder = get_builder(cfg.dataset, cfg.data_dir, splits=(split,))
+  builder = builder_of(cfg, splits=(split,))
   streams = [_shard_stream(cfg, builder, split, views, shard, shards, per_shard, start_step, keep)
              for shard in range(process_index * per_process, (process_index + 1) * per_process)]
   ds = streams[0] if len(streams) == 1 else tf.data.Dataset.zip(tuple(streams)).map(
@@ -169,7 +178,7 @@ def pretrain_batches(
 def _shard_stream(cfg, builder, split: str, views, shard: int, num_shards: int, batch: int, start_step: int,
                   keep=None):
   """Batches of `batch` augmented examples from one shard of `split`, from step `start_step` on."""
-  info = datasets.get(cfg.dataset)
+  info = datasets.of(cfg)
   ds = _read(builder, split, shard, num_shards)
   if keep is not None:
     ds = ds.filter(keep)
@@ -204,8 +213,8 @@ def eval_batches(cfg, split: str, local_batch: int, crop_size: int, crop_proport
   Each process reads a contiguous share (sizes differ by at most one example); the last batch of each
   process, and any batch a process needs to match the batch count of the others, is padded, and
   `mask` marks the real examples. Yields {"image": float32 [b, s, s, 3], "label", "index", "mask" bool}."""
-  builder = get_builder(cfg.dataset, cfg.data_dir, splits=(split,))
-  info = datasets.get(cfg.dataset)
+  builder = builder_of(cfg, splits=(split,))
+  info = datasets.of(cfg)
   n = num_examples(builder, split)
   bounds = [n * p // process_count for p in range(process_count + 1)]
   start, stop = bounds[process_index], bounds[process_index + 1]

@@ -24,12 +24,12 @@ def extract(cfg, represent: Callable, split: str, mesh, batch_size: int = 256) -
   dropped with the mask after the gather, so the result does not depend on the number of devices or
   processes.
   """
-  info = datasets.get(cfg.dataset)
+  info = datasets.of(cfg)
   num_devices = mesh.size
   batch_size = max(num_devices, batch_size // num_devices * num_devices)
   local = batch_size // jax.process_count()
   feats, labels, index, mask = [], [], [], []
-  total = pipeline.num_examples(pipeline.get_builder(cfg.dataset, cfg.data_dir), split)
+  total = pipeline.num_examples(pipeline.builder_of(cfg), split)
   start = last_report = time.time()
   for batch in pipeline.eval_batches(cfg, split, local, info.image_size, info.eval_crop_proportion,
                                      jax.process_index(), jax.process_count()):

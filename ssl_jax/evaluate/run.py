@@ -38,10 +38,10 @@ class Encoder:
     self.mesh = mesh
     self.cache_features = cache_features
     self._cache = {}
-    self.info = datasets.get(cfg.dataset)
+    self.info = datasets.of(cfg)
     # The training data's facts: schedules and freezes counted in epochs (SwAV's and DINO's optimizer
     # groups) are part of the state's structure.
-    num_train = pipeline.num_examples(pipeline.get_builder(cfg.dataset, cfg.data_dir), self.info.pretrain_split)
+    num_train = pipeline.num_examples(pipeline.builder_of(cfg), self.info.pretrain_split)
     self.method = methods.get(cfg, methods.DataFacts(num_train, cfg.batch_size))
     schedule = optim.warmup_cosine(1.0, 0, cfg.total_steps)
     state, _ = train.create_train_state(cfg, self.method, schedule, self.info.num_classes)
@@ -127,7 +127,7 @@ FEATURE_PROTOCOLS = {"knn": _knn, "linear": _fast_linear}
 
 
 def run_protocol(protocol: str, cfg, train_data, test_data) -> Dict[str, Any]:
-  num_classes = datasets.get(cfg.dataset).num_classes
+  num_classes = datasets.of(cfg).num_classes
   return FEATURE_PROTOCOLS[protocol](cfg, num_classes, *train_data, *test_data)
 
 
@@ -151,8 +151,8 @@ def headline(protocol: str, metrics: Dict[str, Any]) -> float:
 def check_inputs(workdir: str, protocol: str, cfg) -> None:
   check_protocol(protocol)
   try:
-    info = datasets.get(cfg.dataset)
-    builder = pipeline.get_builder(cfg.dataset, cfg.data_dir, splits=(info.train_split, info.test_split))
+    info = datasets.of(cfg)
+    builder = pipeline.builder_of(cfg, splits=(info.train_split, info.test_split))
   except pipeline.DataError as e:
     raise EvalError(str(e))
   if "label" not in builder.info.features:
@@ -201,7 +201,7 @@ def evaluate(workdir: str, protocol: str, checkpoint: str = "latest", cfg=None, 
     for label, variables, represent in candidates:
       results[label] = supervised.run(cfg, name, encoder.method, variables, encoder.mesh, label,
                                       represent, checkpoint_root=root)
-    sizes = {"num_train": pipeline.num_examples(pipeline.get_builder(cfg.dataset, cfg.data_dir),
+    sizes = {"num_train": pipeline.num_examples(pipeline.builder_of(cfg),
                                                 info.train_split)}
   else:
     candidates = [("ssl", lambda split: encoder.features(state, split, key=("step", step)))]

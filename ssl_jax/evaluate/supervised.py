@@ -236,8 +236,8 @@ def train_and_score(cfg, protocol: str, method, variables: Optional[Dict[str, An
   skips what was consumed), so an interrupted 90-epoch probe loses at most those steps and its numbers
   equal an uninterrupted run's (tested)."""
   p = cfg.eval[protocol]
-  info = datasets.get(cfg.dataset)
-  builder = pipeline.get_builder(cfg.dataset, cfg.data_dir)
+  info = datasets.of(cfg)
+  builder = pipeline.builder_of(cfg)
   keep, num_labelled, subset_desc = subsets.subset_filter(cfg.dataset, builder, info.train_split, fraction,
                                                           cfg.seed)
   steps_per_epoch = num_labelled / p.batch_size
