@@ -121,13 +121,16 @@ def _index(data_dir: str) -> dict:
     mtimes.update(m)
     parts[part] = {c: [os.path.join(part, f) if part else f for f in files] for c, files in groups.items()}
   logging.info("folder: %d images in %s; checking their first and last bytes", progress[0], data_dir)
-  bad = {}
+  bad, checked = {}, 0
   for groups in parts.values():
     for files in groups.values():
       for f in files:
         reason = _check_image(os.path.join(data_dir, f))
         if reason:
           bad[f] = reason
+        checked += 1
+        if checked % _PROGRESS_EVERY == 0:
+          logging.info("folder: checked %d of %d images", checked, progress[0])
   return {"version": _INDEX_VERSION, "data_dir": data_dir, "parts": parts,
           "mtimes": {os.path.relpath(d, data_dir): t for d, t in mtimes.items()}, "bad": bad}
 
