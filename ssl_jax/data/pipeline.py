@@ -1,10 +1,10 @@
 """tf.data input pipelines over prepared TFDS datasets.
 
 Pre-training stream (`pretrain_batches`), per process:
-  read this process's contiguous shard of the split -> attach each example's global index -> [cache] ->
-  repeat -> shuffle (seeded) -> count elements -> skip the elements already consumed (resume) ->
-  augment every view with stateless ops seeded by (seed, element count) -> batch (drop_remainder) ->
-  prefetch.
+  read this process's contiguous shard of the split, images still encoded -> attach each example's global
+  index -> [cache] -> repeat -> shuffle (seeded) -> count elements -> skip the elements already consumed
+  (resume) -> decode and augment every view with stateless ops seeded by (seed, element count) -> batch
+  (drop_remainder) -> prefetch.
 Every random choice is a function of the seed and the element's position in the stream, so a run that
 resumes at step s (skipping s * local_batch elements before any decoding or augmentation) sees exactly
 the batches an uninterrupted run sees.
@@ -114,15 +114,22 @@ def shard_split(builder, split: str, shard: int, num_shards: int):
   return parts
 
 
+# Images are read as their encoded files and decoded inside the augmentation, where a JPEG is decoded only
+# inside each view's crop box (augment.multi_view_transform, eval_transform); the pixels are those of
+# TFDS's default decoding.
+_ENCODED = {"image": tfds.decode.SkipDecoding()}
+
+
 def _read(builder, split: str, shard: int, num_shards: int) -> tf.data.Dataset:
-  """One shard's examples as {"image": uint8 [h, w, 3], "label": int32, "index": int64 (global),
-  "file_name": string ("" where the dataset has none)}."""
+  """One shard's examples as {"image": string (the encoded file), "label": int32, "index": int64
+  (global), "file_name": string ("" where the dataset has none)}."""
   has_label = "label" in builder.info.features
   has_name = "file_name" in builder.info.features
   ds = None
   for split_string, first_index in shard_split(builder, split, shard, num_shards):
     part = builder.as_dataset(split=split_string, shuffle_files=False,
-                              read_config=tfds.ReadConfig(interleave_cycle_length=1)).enumerate(start=first_index)
+                              read_config=tfds.ReadConfig(interleave_cycle_length=1),
+                              decoders=_ENCODED).enumerate(start=first_index)
     ds = part if ds is None else ds.concatenate(part)
   return ds.map(lambda i, ex: {"image": ex["image"],
                                "label": tf.cast(ex["label"], tf.int32) if has_label else tf.constant(-1),
@@ -220,7 +227,7 @@ def eval_batches(cfg, split: str, local_batch: int, crop_size: int, crop_proport
   start, stop = bounds[process_index], bounds[process_index + 1]
   most = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
   num_batches = -(-most // local_batch)
-  ds = builder.as_dataset(split=f"{split}[{start}:{stop}]", shuffle_files=False)
+  ds = builder.as_dataset(split=f"{split}[{start}:{stop}]", shuffle_files=False, decoders=_ENCODED)
   has_label = "label" in builder.info.features
   normalize, mean, std = cfg.normalize_inputs, info.mean, info.std
 
