@@ -88,6 +88,21 @@ class Encoder:
     """The variables of the encoder the method evaluates (DINO: its teacher)."""
     return self.method.encoder_variables(state.params, state.batch_stats, state.method_state)
 
+  def with_encoder(self, state, variables: Dict[str, Any]):
+    """`state` with every copy of the encoder (the online one, and a momentum / EMA network of
+    method_state: DINO's teacher, BYOL's target, MoCo's key encoder) replaced by `variables` ({"params",
+    "batch_stats"}, e.g. imported weights), so that whichever copy the method evaluates holds them."""
+    stats = dict(state.batch_stats)
+    if variables["batch_stats"] or "encoder" in stats:
+      stats["encoder"] = variables["batch_stats"]
+    method_state = dict(state.method_state)
+    for key, value in method_state.items():
+      if isinstance(value, dict) and "encoder" in value:
+        method_state[key] = dict(value, encoder=variables["batch_stats" if key.endswith("batch_stats") else "params"])
+    state = state.replace(params=dict(state.params, encoder=variables["params"]), batch_stats=stats,
+                          method_state=method_state)
+    return parallel.place(state, train.state_layout(self.cfg, self.method, self.mesh, state))
+
   def pixel_features(self, split: str):
     return self._cached(("raw_pixels",), split, lambda: features_lib.extract(
         self.cfg, features_lib.raw_pixels, split, self.mesh, self.cfg.eval.batch_size))
@@ -170,15 +185,21 @@ def check_inputs(workdir: str, protocol: str, cfg) -> None:
 
 
 def evaluate(workdir: str, protocol: str, checkpoint: str = "latest", cfg=None, write: bool = True,
-             encoder: Optional[Encoder] = None) -> Dict[str, Any]:
+             encoder: Optional[Encoder] = None, imported: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
   """Runs `protocol` on a checkpoint of `workdir` (and the baselines when cfg.eval.baselines) and
-  returns {"step", "protocol", "settings", "results": {encoder name: metrics}}."""
+  returns {"step", "protocol", "settings", "results": {encoder name: metrics}}.
+
+  imported: weights from outside (ssl_jax.evaluate.workdir.load_import: {"variables", "label", "file",
+  "format"}) evaluated instead of a checkpoint; `workdir` then only receives the results, and "step" is
+  the label ("import-" and 8 hex digits of the file's SHA-256)."""
   cfg = load_config(workdir) if cfg is None else cfg
   check_inputs(workdir, protocol, cfg)
-  step = find_checkpoint(workdir, cfg, checkpoint)
+  step = imported["label"] if imported else find_checkpoint(workdir, cfg, checkpoint)
   distributed.release_library_logs()  # the input is checked: the libraries may log again
   encoder = encoder or Encoder(cfg, parallel.make_mesh())
-  if checkpoint == "latest":
+  if imported:
+    state = encoder.with_encoder(encoder.initial_state, imported["variables"])
+  elif checkpoint == "latest":
     state, step = encoder.restore_latest(workdir)
   else:
     state = encoder.restore(workdir, step)
@@ -220,6 +241,8 @@ def evaluate(workdir: str, protocol: str, checkpoint: str = "latest", cfg=None, 
          "train_split": info.train_split, "test_split": info.test_split, **sizes,
          "settings": cfg.eval.to_dict(), "method": cfg.method.name, "results": results,
          "seconds": time.time() - start}
+  if imported:
+    out["import"] = {"file": imported["file"], "format": imported["format"]}
   if write and jax.process_index() == 0:
     write_results(workdir, out)
   return out

@@ -3,8 +3,10 @@ TensorFlow and orbax so that `python -m ssl_jax.evaluate` rejects bad input in a
 
 from __future__ import annotations
 
+import hashlib
 import json
-from typing import Any, Callable, Optional
+import os
+from typing import Any, Callable, Dict, Optional
 
 import ml_collections
 from etils import epath
@@ -37,6 +39,17 @@ def image_section(protocol: str, cfg) -> Optional[str]:
   return PROTOCOLS.get(protocol)(cfg)
 
 
+def flag_from_argv(argv, name: str) -> Optional[str]:
+  """The value of --name=VALUE or --name VALUE in argv, read before absl parses the flags (the config flag
+  is defined from what it names)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a training run saved in DIR/config.json."""
   path = epath.Path(workdir)
@@ -50,3 +63,37 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   except json.JSONDecodeError as e:
     raise EvalError(f"{config_path} is not valid JSON: {e}")
   return config_lib.with_defaults(saved)
+
+
+def import_config(cfg) -> ml_collections.ConfigDict:
+  """The config an imported encoder is evaluated with: --config's, except that a ViT's position embedding
+  is a parameter (model.pos_embed="learned") holding the file's table, whatever the method's recipe
+  computes (MoCo v3's and MAE's fixed sin-cos tables are in their checkpoints too)."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  if cfg.model.name == "vit":
+    cfg.model.pos_embed = "learned"
+  return cfg
+
+
+def load_import(cfg, path: str, fmt: str) -> Dict[str, Any]:
+  """Reads the weights file `path` of --import_format `fmt` into the variables of cfg's encoder:
+  {"variables", "label", "file", "format"}, label "import-" and 8 hex digits of the file's SHA-256 (the
+  results' and resumable runs' name). Raises a one-line UserError for an unknown format, a missing, empty
+  or unreadable file, or weights of another architecture; nothing is computed but shapes."""
+  import jax
+  import jax.numpy as jnp
+
+  from ssl_jax import models, torch_names
+  torch_names.check_import_format(fmt)
+  models.check(cfg.model)
+  module = models.build(cfg.model)
+  size = cfg.model.image_size if cfg.model.name == "vit" else 32
+  shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), jnp.zeros((1, size, size, 3)))
+  template = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+  variables = torch_names.load_import(path, fmt, cfg.model, template)
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+      digest.update(chunk)
+  return {"variables": variables, "label": f"import-{digest.hexdigest()[:8]}", "file": os.path.abspath(path),
+          "format": fmt}

@@ -26,6 +26,13 @@ from ssl_jax.models.conv import conv_class
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def _symmetric_conv(conv_cls, features: int, kernel_size, strides=(1, 1), **kwargs):
+  """A convolution padded by kernel // 2 on both sides, as torchvision's ResNet (and the SimCLR TF code's
+  fixed_padding) pad: "SAME" pads an even input of a stride-2 layer by (0, 1) instead, which moves every
+  window by one pixel, so the exported weights would not compute the same features in PyTorch."""
+  return conv_cls(features, kernel_size, strides, padding=[(k // 2, k // 2) for k in kernel_size], **kwargs)
+
+
 def _last_bn_scale_init(zero: bool):
   """The scale init of each block's last BN: zeros (Goyal et al. 2017), as the SimCLR and BYOL code and
   torchvision's zero_init_residual=True (Barlow Twins, SimSiam, VICReg, MoCo v3) do, so that every block
@@ -125,8 +132,8 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     """x: [batch, height, width, 3] -> [batch, features] float32."""
-    conv = functools.partial(conv_class(self.conv_impl), use_bias=False, dtype=self.dtype, kernel_init=conv_init,
-                             padding="SAME")
+    conv = functools.partial(_symmetric_conv, conv_class(self.conv_impl), use_bias=False, dtype=self.dtype,
+                             kernel_init=conv_init)
     if self.norm == "layer":
       norm = functools.partial(nn.GroupNorm, num_groups=1, epsilon=self.bn_epsilon, dtype=self.dtype)
     else:
@@ -144,9 +151,9 @@ class ResNet(nn.Module):
       x = conv(width, (3, 3), name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))
     else:
-      x = conv(width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="stem_conv")(x)
+      x = conv(width, (7, 7), (2, 2), name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # torchvision's
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
