@@ -3,8 +3,8 @@ r"""Input pipeline throughput at ImageNet resolution: images/s per host core of 
 inside each view's crop box (fused) and decoded whole then cropped, on 1 and 2 cores; beside them,
 optionally, torchvision + PIL in a torch DataLoader on the same cores with the same recipe.
 
-    python benchmarks/input_pipeline.py                        # table + JSON (about 10 minutes on 2 cores)
-    python benchmarks/input_pipeline.py --torch_python /tmp/tvenv/bin/python --repeats 3
+    python benchmarks/input_pipeline.py                        # table + JSON (defaults: about 25 minutes)
+    python benchmarks/input_pipeline.py --torch_python /tmp/tvenv/bin/python --repeats 2 --seconds 4 --warmup 2
     python benchmarks/input_pipeline.py --smoke                # a few seconds: 64 small images, one row
 
 Data: nothing is downloaded. The images are made once, cached under --data_dir (default
@@ -22,8 +22,8 @@ them; torch's DataLoader with num_workers = cores), timed over --seconds after a
 and written to the JSON.
 
 The torchvision column needs torch and torchvision, which are not in requirements.txt: pass the Python of
-a venv that has them (`python3 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch torchvision pillow
-numpy`); without it the column is skipped with a note.
+a venv that has them (`python3 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch==2.14.1
+torchvision==0.29.1 pillow numpy`); without it the column is skipped with a note.
 """
 
 from __future__ import annotations
