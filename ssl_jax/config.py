@@ -39,7 +39,7 @@ def base_config(method: str, model: str = "resnet") -> ml_collections.ConfigDict
   cfg.steps_per_loop = 1          # steps per compiled call (lax.scan over stacked batches); divides the two above
   cfg.shuffle_buffer = 50_000
   cfg.data_shards = 0             # input streams making up each global batch; 0: one per process
-  cfg.cache_dataset = True        # keep the decoded split in memory (small datasets)
+  cfg.cache_dataset = True        # keep the split (encoded images) in memory (small datasets)
   # dataset=folder (ssl_jax/data/folder.py): data_dir is a directory of images. Without train/ and val/
   # (or test/) subfolders, test_fraction of each class is held out, drawn with split_seed; image_size and
   # eval_crop_proportion give the evaluation's centre crop, mean and std the normalization (ImageNet's);
