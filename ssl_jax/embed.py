@@ -15,10 +15,8 @@ progress every 30 s. Restoring the run reads its config: when its training data 
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from ssl_jax import distributed
 from ssl_jax.errors import UserError
@@ -127,11 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  workdir = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")), None)
-  if not workdir:
-    print("error: --workdir=W is required: a training workdir (holding config.json and checkpoints/)",
-          file=sys.stderr)
-    sys.exit(2)
-  with distributed.user_errors_exit():
-    config_flags.DEFINE_config_dict("config", workdir_lib.load_config(workdir))
-  app.run(main, flags_parser=distributed.parse_flags_or_exit)
+  workdir_lib.run_with_workdir_config(main)

@@ -26,7 +26,6 @@ code 2, before the checkpoint is read.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
@@ -178,8 +177,7 @@ def export(workdir: str, fmt: str, out: str, checkpoint: str = "latest", encoder
 
 
 def main() -> None:
-  from absl import app, flags
-  from ml_collections import config_flags
+  from absl import flags
 
   from ssl_jax import distributed
   from ssl_jax.evaluate import workdir as workdir_lib
@@ -203,14 +201,7 @@ def main() -> None:
     print(f"wrote {out_flag.value}: {out['tensors']} tensors, the {out['encoder']} encoder of {out['method']} "
           f"at step {out['step']} ({torch_names.describe(cfg.model)}). In PyTorch:\n{out['instructions']}")
 
-  workdir = workdir_lib.flag_from_argv(sys.argv, "workdir")
-  if not workdir:
-    print("error: --workdir is required: a training workdir (holding config.json and checkpoints/)",
-          file=sys.stderr)
-    sys.exit(2)
-  with distributed.user_errors_exit():
-    config_flags.DEFINE_config_dict("config", workdir_lib.load_config(workdir))
-  app.run(run_export, flags_parser=distributed.parse_flags_or_exit)
+  workdir_lib.run_with_workdir_config(run_export)
 
 
 if __name__ == "__main__":

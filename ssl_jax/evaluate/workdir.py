@@ -50,6 +50,24 @@ def flag_from_argv(argv, name: str) -> Optional[str]:
   return None
 
 
+def run_with_workdir_config(main) -> None:
+  """Runs the absl `main` of a command that reads a training workdir (--workdir=W, required): the flag
+  --config is W's saved config, so --config.key=value overrides it. A missing or unreadable workdir is one
+  line and exit 2."""
+  import sys
+  from absl import app
+  from ml_collections import config_flags
+  from ssl_jax import distributed
+  workdir = flag_from_argv(sys.argv, "workdir")
+  if not workdir:
+    print("error: --workdir is required: a training workdir (holding config.json and checkpoints/)",
+          file=sys.stderr)
+    sys.exit(2)
+  with distributed.user_errors_exit():
+    config_flags.DEFINE_config_dict("config", load_config(workdir))
+  app.run(main, flags_parser=distributed.parse_flags_or_exit)
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a training run saved in DIR/config.json."""
   path = epath.Path(workdir)
