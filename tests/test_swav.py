@@ -81,6 +81,12 @@ def steps():
   metrics) after step 1, after step 2]})})."""
   assert jax.device_count() == 8
   cfg = swav_config(momentum=0.9, weight_decay=1e-3, groups=(("prototypes/.*", dict(frozen_until_step=1)),))
+  # Sinkhorn at epsilon 0.5, not the recipe's 0.05: exp(score / 0.05) amplifies the float32 summation-order
+  # differences between 1 and 8 devices (larger at the tests' XLA optimization level 0, whose reductions
+  # sum sequentially) to 1.7e-5..1.7e-4 on a BN bias whose gradient nearly cancels over the batch, while
+  # every other element agrees within 1.4e-7. The sharded Sinkhorn (marginals summed over devices) is the
+  # same code at any epsilon; tests/test_losses_joint.py checks it at 0.05 against a direct computation.
+  cfg.method.epsilon = 0.5
   batches = [multicrop_batch(cfg, seed) for seed in (0, 1)]
   full = unit_rows(np.random.default_rng(1), (2, QUEUE, cfg.method.proj_dim))
   out = {}
@@ -102,13 +108,10 @@ def test_eight_devices_equal_one_with_the_queue_empty_and_in_use(steps):
       for key in ("loss", "total_loss", "grad_norm", "embedding_std", "queue_in_use"):
         np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
       # SGD: equal new params mean equal gradients, the prototypes' included (trained in the second step).
-      # rtol 1e-2: Sinkhorn's exp(score / 0.05) amplifies the float order of 8 partial sums; since the ResNet
-      # pads as torchvision, one BN channel (index 5) differs between 8 and 1 devices by up to 1.7e-4
-      # absolute (to be explained: a channel of near-zero variance?). Losses and gradient norms stay within 2e-5.
-      assert_trees_close(s8.params, s1.params, rtol=1e-2, atol=3e-4)
+      assert_trees_close(s8.params, s1.params, rtol=1e-4, atol=1e-6)
       assert_trees_close(s8.batch_stats, s1.batch_stats, rtol=1e-4, atol=1e-5)
       assert_trees_close(s8.method_state, s1.method_state, rtol=1e-4, atol=1e-6)
-      assert_trees_close(s8.opt_state, s1.opt_state, rtol=1e-2, atol=3e-4)
+      assert_trees_close(s8.opt_state, s1.opt_state, rtol=1e-4, atol=1e-6)
 
 
 def test_queue_is_used_once_full_and_fills_first_in_first_out(steps):
