@@ -48,6 +48,10 @@ def base_config(method: str, model: str = "resnet") -> ml_collections.ConfigDict
       test_fraction=0.1, split_seed=0, image_size=224, eval_crop_proportion=0.875,
       mean=datasets.IMAGENET_MEAN, std=datasets.IMAGENET_STD, skip_bad=False))
   cfg.normalize_inputs = True     # subtract the dataset mean, divide by its std (SimCLR's code does not)
+  # Colour jitter, grayscale, blur and solarize of the pre-training views in the jitted step on the
+  # accelerator instead of the host's tf.data (data/device_augment.py): the host only decodes, crops and
+  # flips. Same recipe, other draws; for hosts that cannot feed their chips (docs/input_pipeline.md).
+  cfg.augment_on_device = False
   cfg.online_probe = True         # linear classifier on stop-gradient features, trained alongside
   cfg.skip_nonfinite_steps = 0    # 0: stop at the first step with a NaN/Inf; N: skip such updates, stop after N in a row
   # The train state's layout over the mesh: "replicated" (every device holds all of it) or "fsdp" (fully
@@ -409,6 +413,9 @@ def validate(cfg, num_devices: int, num_processes: int = 1, platform: str = "") 
     unknown = set(view) - set(views.VIEW_DEFAULTS) - {"num", "order"}
     if unknown:
       fail(f"unknown view setting(s) {sorted(unknown)} in views.{name}")
+  if cfg.get("augment_on_device", False):
+    from ssl_jax.data import device_augment  # jax only, no TensorFlow
+    device_augment.check([{k: x for k, x in v.items() if k not in ("num", "order")} for v in cfg.views.values()])
   methods.check_config(cfg, num_devices)  # last: a method's checks may rely on the settings checked above
 
 

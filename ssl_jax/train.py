@@ -33,7 +33,7 @@ from ssl_jax import config as config_lib
 from ssl_jax import distributed, guard, methods, optim, parallel
 from ssl_jax import workdir as workdir_lib
 from ssl_jax import metrics as metrics_lib
-from ssl_jax.data import datasets, pipeline
+from ssl_jax.data import datasets, device_augment, pipeline
 from ssl_jax.state import TrainState
 
 
@@ -91,6 +91,7 @@ def make_train_step(config, method, tx, schedule: Callable, mesh, num_classes: i
   probe = probe_head(num_classes) if config.online_probe else None
 
   specs = method.state_specs()
+  on_device = (method.views(), datasets.of(config)) if config.get("augment_on_device", False) else None
 
   def per_device(params, batch_stats, method_state, batch, rng, step):
     method_params = {k: v for k, v in params.items() if k != "online_probe"}
@@ -114,6 +115,10 @@ def make_train_step(config, method, tx, schedule: Callable, mesh, num_classes: i
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if on_device is not None:  # the views' per-pixel ops, on the global batch (per example: no collective)
+      views, info = on_device
+      batch = dict(batch, views=device_augment.apply(views, batch["views"], device_augment.step_key(rng),
+                                                     info.mean, info.std, config.normalize_inputs))
     # The method's split entries (state_specs) enter and leave the per-device loss in their layout.
     state_spec = {k: specs.get(k, P()) for k in state.method_state} if specs else P()
     updates_spec = {k: specs.get(k, P()) for k in method.updated_in_loss}
@@ -318,7 +323,8 @@ def train(config, workdir: str, stop_at_step: Optional[int] = None) -> Dict[str,
 
   local_batch = parallel.local_batch_size(config.batch_size)
   batches = pipeline.pretrain_batches(config, method.views(), local_batch, start_step,
-                                      jax.process_index(), jax.process_count())
+                                      jax.process_index(), jax.process_count(),
+                                      device_ops=config.get("augment_on_device", False))
   progress = metrics_lib.Progress(config.total_steps, start_step, config.batch_size)
   pending = []  # device metrics since the last log: fetched together, so steps are not serialized
   watch = _FiniteWatch(guard.names(None, state.params, state), config.skip_nonfinite_steps, workdir)

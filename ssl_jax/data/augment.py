@@ -20,9 +20,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import tensorflow as tf
 
 from ssl_jax.data import randaugment
-from ssl_jax.data.views import VIEW_DEFAULTS
+from ssl_jax.data import views as views_lib
 
-_JITTER_IMPLS = ("simclrv1", "simclrv2")
 
 # Sub-seeds of one view, one per random decision. Fixed indices keep every draw independent of which ops a
 # view enables, so changing e.g. blur_prob does not change the crops.
@@ -33,45 +32,9 @@ _JITTER_IMPLS = ("simclrv1", "simclrv2")
 _FOLD_RANDAUGMENT, _FOLD_ERASE = _NUM_SEEDS, _NUM_SEEDS + 1
 
 
-def _resolve_view(view: Mapping) -> Dict[str, Any]:
-  """VIEW_DEFAULTS overridden by `view`, validated; raises ValueError on unknown keys or bad values."""
-  cfg = dict(VIEW_DEFAULTS)
-  for key in view.keys():
-    if key not in VIEW_DEFAULTS:
-      raise ValueError(f"unknown view key {key!r}; known keys: {', '.join(sorted(VIEW_DEFAULTS))}")
-    cfg[key] = view[key]
-  for key in ("crop_scale", "crop_ratio", "blur_sigma"):
-    lo, hi = (float(x) for x in cfg[key])
-    if not 0 < lo <= hi:
-      raise ValueError(f"view key {key!r} must be a range (lo, hi) with 0 < lo <= hi, got {cfg[key]!r}")
-    cfg[key] = (lo, hi)
-  if cfg["crop_scale"][1] > 1:
-    raise ValueError(f"crop_scale must lie in (0, 1], got {cfg['crop_scale']!r}")
-  if int(cfg["crop_size"]) != cfg["crop_size"] or cfg["crop_size"] <= 0:
-    raise ValueError(f"crop_size must be a positive int, got {cfg['crop_size']!r}")
-  cfg["crop_size"] = int(cfg["crop_size"])
-  for key in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
-    if not 0 <= cfg[key] <= 1:
-      raise ValueError(f"view key {key!r} is a probability, got {cfg[key]!r}")
-  if cfg["color_jitter_impl"] not in _JITTER_IMPLS:
-    raise ValueError(f"color_jitter_impl must be one of {_JITTER_IMPLS}, got {cfg['color_jitter_impl']!r}")
-  if cfg["color_jitter_strength"] is not None:
-    s = float(cfg["color_jitter_strength"])
-    cfg.update(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s)
-  for key in ("brightness", "contrast", "saturation", "hue"):
-    if cfg[key] < 0:
-      raise ValueError(f"view key {key!r} is a magnitude >= 0, got {cfg[key]!r}")
-  if cfg["hue"] > 0.5:
-    raise ValueError(f"hue must be <= 0.5 (a half turn of the hue circle), got {cfg['hue']!r}")
-  if int(cfg["randaugment_layers"]) != cfg["randaugment_layers"] or cfg["randaugment_layers"] < 0:
-    raise ValueError(f"randaugment_layers must be an int >= 0, got {cfg['randaugment_layers']!r}")
-  cfg["randaugment_layers"] = int(cfg["randaugment_layers"])
-  if not 0 <= cfg["randaugment_magnitude"] <= randaugment.MAX_MAGNITUDE or cfg["randaugment_magnitude_std"] < 0:
-    raise ValueError(f"randaugment_magnitude must lie in [0, 10] and randaugment_magnitude_std be >= 0, got "
-                     f"{cfg['randaugment_magnitude']!r}, {cfg['randaugment_magnitude_std']!r}")
-  if not 0 <= cfg["erase_prob"] <= 1:
-    raise ValueError(f"view key 'erase_prob' is a probability, got {cfg['erase_prob']!r}")
-  return cfg
+# The view settings, validated (views.py: no TensorFlow there, the device-side ops read them too).
+_resolve_view = views_lib.resolve_view
+VIEW_DEFAULTS = views_lib.VIEW_DEFAULTS
 
 
 def _uniform(seed: tf.Tensor, minval, maxval) -> tf.Tensor:

@@ -160,7 +160,8 @@ def num_data_shards(cfg, process_count: int) -> int:
 def pretrain_batches(
     cfg, views: Sequence[Dict[str, Any]], local_batch: int, start_step: int = 0,
     process_index: int = 0, process_count: int = 1, split: Optional[str] = None,
-    keep: Optional[Callable[[Dict[str, tf.Tensor]], tf.Tensor]] = None) -> Iterator[Dict[str, Any]]:
+    keep: Optional[Callable[[Dict[str, tf.Tensor]], tf.Tensor]] = None,
+    device_ops: bool = False) -> Iterator[Dict[str, Any]]:
   """Yields numpy batches {"views": tuple of float32 [local_batch, s, s, 3], "label": int32 [local_batch],
   "index": int64 [local_batch]} for steps start_step, start_step + 1, ... of this process.
 
@@ -168,14 +169,21 @@ def pretrain_batches(
   batch_size / data_shards examples to every global batch, in shard order; a process reads only its own
   shards. The global batch of a step therefore depends on the seed and the number of shards, not on how
   many processes read them: 2 processes x 1 shard give the batches of 1 process x 2 shards (tested).
+
+  device_ops: the views' colour, grayscale, blur and solarize are left to the train step
+  (device_augment.py), which also normalizes: the host yields the crops and flips in [0, 1].
   """
+  if device_ops:
+    from ssl_jax.data import device_augment
+    views = device_augment.host_views(views)
   shards = num_data_shards(cfg, process_count)
   per_process = shards // process_count
   per_shard = local_batch // per_process
   info = datasets.of(cfg)
   split = split or info.pretrain_split
   builder = builder_of(cfg, splits=(split,))
-  streams = [_shard_stream(cfg, builder, split, views, shard, shards, per_shard, start_step, keep)
+  streams = [_shard_stream(cfg, builder, split, views, shard, shards, per_shard, start_step, keep,
+                           normalize=cfg.normalize_inputs and not device_ops)
              for shard in range(process_index * per_process, (process_index + 1) * per_process)]
   ds = streams[0] if len(streams) == 1 else tf.data.Dataset.zip(tuple(streams)).map(
       lambda *parts: tf.nest.map_structure(lambda *x: tf.concat(x, axis=0), *parts))
@@ -183,7 +191,7 @@ def pretrain_batches(
 
 
 def _shard_stream(cfg, builder, split: str, views, shard: int, num_shards: int, batch: int, start_step: int,
-                  keep=None):
+                  keep=None, normalize: bool = True):
   """Batches of `batch` augmented examples from one shard of `split`, from step `start_step` on."""
   info = datasets.of(cfg)
   ds = _read(builder, split, shard, num_shards)
@@ -197,7 +205,6 @@ def _shard_stream(cfg, builder, split: str, views, shard: int, num_shards: int, 
   # Resume: skip what earlier steps consumed, before any decoding or augmentation.
   ds = ds.skip(start_step * batch)
   mean, std = info.mean, info.std
-  normalize = cfg.normalize_inputs
   seed = int(cfg.seed)
 
   def transform(count, ex):

@@ -22,8 +22,10 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from ssl_jax.data.views import RANDAUGMENT_MAX_MAGNITUDE
+
 NUM_OPS = 15
-MAX_MAGNITUDE = 10.0
+MAX_MAGNITUDE = RANDAUGMENT_MAX_MAGNITUDE
 _APPLY_PROB = 0.5  # timm rand_augment_ops: prob=0.5 for every op
 
 
