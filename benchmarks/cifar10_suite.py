@@ -70,6 +70,7 @@ sys.path.insert(0, str(REPO))
 CONFIGS = REPO / "configs"
 NOT_METHODS = ("quickstart",)   # configs/ files that are not a method's recipe
 SUITE_FILE = "suite.json"       # per method workdir: the budget and the wall time spent so far
+RANDOM_INIT_FILE = "random_init.json"  # in --workdir: random-init figures by random_init_key
 PROTOCOLS = ("knn", "linear")
 
 
@@ -284,9 +285,27 @@ def latest_step(workdir: str, cfg) -> int:
   return max(ckpt_lib.Manager(workdir, cfg, create=False).all_steps(), default=0)
 
 
-def evaluate(workdir: str, settings: dict, with_raw_pixels: bool):
+def random_init_key(encoder, cfg) -> str:
+  """What the random-init figures are a function of: the encoder's initial variables (bytes), the input
+  preparation and the protocols' settings. Methods whose recipes initialize the same encoder the same way
+  (the ResNet methods here) share them, so they are computed once per suite."""
+  import hashlib
+  import jax
+  import numpy as np
+  digest = hashlib.sha256()
+  variables = jax.device_get(encoder.encoder_variables(encoder.initial_state))
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  digest.update(json.dumps([cfg.model.to_dict(), cfg.eval.to_dict(), bool(cfg.normalize_inputs), cfg.dataset,
+                            os.path.realpath(cfg.data_dir), cfg.seed], sort_keys=True, default=str).encode())
+  return digest.hexdigest()[:16]
+
+
+def evaluate(workdir: str, settings: dict, with_raw_pixels: bool, cache_path: str):
   """({protocol: ssl metrics}, {protocol: random-init metrics}, {protocol: raw-pixel metrics} or None, step,
-  the resolved config)."""
+  the resolved config). Random-init figures are read from `cache_path` when an earlier method had the same
+  random encoder (random_init_key), else computed and added to it."""
   from ssl_jax import parallel
   from ssl_jax.evaluate import run
   cfg = run.load_config(workdir)
@@ -294,19 +313,29 @@ def evaluate(workdir: str, settings: dict, with_raw_pixels: bool):
                   baselines=False)  # the baselines below: random init per method, raw pixels once
   encoder = run.Encoder(cfg, parallel.make_mesh(), cache_features=True)  # features shared by both protocols
   info = encoder.info
+  key = random_init_key(encoder, cfg)
+  cached = read_json(cache_path).get(key, {})
   ssl, random_init, raw = {}, {}, {} if with_raw_pixels else None
   for protocol in PROTOCOLS:
     out = run.evaluate(workdir, protocol, cfg=cfg, encoder=encoder)  # also writes WORKDIR/eval/
     ssl[protocol] = out["results"]["ssl"]
-    featurize = lambda split: encoder.features(encoder.initial_state, split, key=("random",))
-    random_init[protocol] = run.run_protocol(protocol, cfg, featurize(info.train_split), featurize(info.test_split))
-    print(f"{protocol} (random_init): {100 * run.headline(protocol, random_init[protocol]):.2f}%", flush=True)
+    if protocol in cached:
+      random_init[protocol] = cached[protocol]
+      print(f"{protocol} (random_init): {100 * run.headline(protocol, random_init[protocol]):.2f}% (same random "
+            f"encoder as {cached['computed_with']})", flush=True)
+    else:
+      featurize = lambda split: encoder.features(encoder.initial_state, split, key=("random",))
+      random_init[protocol] = run.run_protocol(protocol, cfg, featurize(info.train_split),
+                                               featurize(info.test_split))
+      print(f"{protocol} (random_init): {100 * run.headline(protocol, random_init[protocol]):.2f}%", flush=True)
     if raw is not None:
       start = time.time()
       raw[protocol] = run.run_protocol(protocol, cfg, encoder.pixel_features(info.train_split),
                                        encoder.pixel_features(info.test_split))
       raw["seconds"] = raw.get("seconds", 0.0) + time.time() - start
       print(f"{protocol} (raw_pixels): {100 * run.headline(protocol, raw[protocol]):.2f}%", flush=True)
+  if not cached:
+    update_json(cache_path, **{key: {**random_init, "computed_with": os.path.basename(workdir)}})
   return ssl, random_init, raw, out["step"], cfg
 
 
@@ -337,7 +366,8 @@ def run_method(name: str, args, results: dict, num_train: int, conv_impl: str, h
   print(f"\n== {name}: evaluating", flush=True)
   with_raw = "raw_pixels" not in results
   with Stopwatch(suite_path, "eval_seconds"):
-    ssl, random_init, raw, step, resolved = evaluate(workdir, eval_settings(args), with_raw)
+    ssl, random_init, raw, step, resolved = evaluate(workdir, eval_settings(args), with_raw,
+                                                     os.path.join(args.workdir, RANDOM_INIT_FILE))
   if raw is not None:
     # Its seconds are also part of this method's eval_seconds.
     results["raw_pixels"] = {**raw, "computed_with": name,
