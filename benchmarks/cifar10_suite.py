@@ -8,6 +8,9 @@ What it measures, per method (configs/<name>.py:cifar10,tiny, every configs/*.py
     linear probe (logistic regression on frozen features, lr x wd chosen on held-out train data) for the
     pre-trained encoder and for the same encoder at its random initialization (same seed, same config);
   * the raw-pixel baseline once (with the first method evaluated; its input normalization is recorded).
+The random-init figures are computed once per distinct random encoder: methods whose recipes build and
+initialize the same encoder (the ResNet methods at one seed) share them (WORKDIR/random_init.json, keyed by
+the initial variables' bytes, the input preparation and the protocols' settings).
 
 Only the budget is shared; everything else is each method's own recipe. Shared: the data (cifar10 at
 --data_dir), the global batch, the number of epochs (or --total_steps), the model width and convolution,

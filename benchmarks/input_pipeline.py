@@ -137,13 +137,38 @@ def tf_worker(args) -> dict:
   """Images/s of pipeline.pretrain_batches for one recipe and decode path in this (pinned) process."""
   from ssl_jax.data import augment, pipeline
   cfg, views = recipe_views(args.recipe)
-  augment.FUSED_DECODE_MAX_VIEWS = len(views) if args.path == "fused" else 0
+  if args.path != "device":  # "device" keeps the pipeline's choice (one whole decode beyond 2 views)
+    augment.FUSED_DECODE_MAX_VIEWS = len(views) if args.path == "fused" else 0
   cfg.data_dir = args.data_dir
   cfg.shuffle_buffer = 256
   cfg.cache_dataset = False
   os.cpu_count = lambda: args.cores  # sizes tf.data's private threadpool (pipeline._options)
-  batches = pipeline.pretrain_batches(cfg, views, args.batch)
+  # "device": the host's share under augment_on_device=True (decode, crop, resize, flip).
+  batches = pipeline.pretrain_batches(cfg, views, args.batch, device_ops=args.path == "device")
   return _time(batches, args)
+
+
+def jax_worker(args) -> dict:
+  """Images/s of the per-pixel ops augment_on_device moves off the host (device_augment.apply, jitted) run
+  by JAX on these pinned CPU cores: what the "device" column leaves to the chip, costed on a CPU."""
+  import jax
+  import numpy as np
+  from ssl_jax.data import datasets, device_augment
+  cfg, views = recipe_views(args.recipe)
+  info = datasets.get(cfg.dataset)
+  rng = np.random.default_rng(0)
+  images = tuple(rng.uniform(0, 1, (args.batch, v["crop_size"], v["crop_size"], 3)).astype(np.float32)
+                 for v in views)
+  fn = jax.jit(lambda x, key: device_augment.apply(views, x, key, info.mean, info.std, cfg.normalize_inputs))
+  images = jax.device_put(images)
+
+  def batches():
+    step = 0
+    while True:
+      step += 1
+      yield jax.block_until_ready(fn(images, jax.random.fold_in(jax.random.key(0), step)))
+
+  return _time(batches(), args)
 
 
 def torch_worker(args) -> dict:
@@ -221,14 +246,16 @@ def main():
   parser.add_argument("--num_images", type=int, default=3000)
   parser.add_argument("--recipes", default="simclr,byol,swav,dino")
   parser.add_argument("--cores", default="1,2")
-  parser.add_argument("--paths", default="fused,decoded")
+  parser.add_argument("--paths", default="fused,decoded,device",
+                      help="fused, decoded, device (augment_on_device's host share; adds the jax_device_ops "
+                           "column: those ops in JAX on the same CPU cores)")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--seconds", type=float, default=10.0)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--torch_python", default="", help="a Python with torch + torchvision: adds the column")
   parser.add_argument("--json", default="", help="default: DATA_DIR/input_pipeline.json")
-  parser.add_argument("--smoke", action="store_true", help="64 small images, SimCLR, fused, 1 core, 1 s")
+  parser.add_argument("--smoke", action="store_true", help="64 small images, SimCLR, fused and device, 1 core, 1 s")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
   parser.add_argument("--recipe", default="", help=argparse.SUPPRESS)
   parser.add_argument("--path", default="", help=argparse.SUPPRESS)
@@ -236,12 +263,12 @@ def main():
   args = parser.parse_args()
   if args.worker:
     args.cores = int(args.cores)
-    print(json.dumps((tf_worker if args.worker == "tf" else torch_worker)(args)))
+    print(json.dumps({"tf": tf_worker, "torch": torch_worker, "jax": jax_worker}[args.worker](args)))
     return
   size = (350, 400)
   if args.smoke:
     args.data_dir += "_smoke"
-    args.num_images, args.recipes, args.cores, args.paths = 64, "simclr", "1", "fused"
+    args.num_images, args.recipes, args.cores, args.paths = 64, "simclr", "1", "fused,device"
     args.seconds, args.warmup, args.repeats, args.batch, size = 1.0, 1, 1, 8, (120, 140)
   t0 = time.perf_counter()
   build_dataset(args.data_dir, args.num_images, 0, 0, size)
@@ -260,7 +287,8 @@ def main():
   load_before = _uptime()
   print(f"host: {os.cpu_count()} cores; load before: {load_before}")
   results = []
-  columns = args.paths.split(",") + (["torchvision"] if torch_python else [])
+  columns = args.paths.split(",") + (["jax_device_ops"] if "device" in args.paths.split(",") else []) + (
+      ["torchvision"] if torch_python else [])
   for recipe in args.recipes.split(","):
     _, views = recipe_views(recipe)
     resolved = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in augment._resolve_view(view).items()}
@@ -274,6 +302,8 @@ def main():
         for _ in range(args.repeats):
           if column == "torchvision":
             runs.append(_run(torch_python, cores, "torch", args, views=json.dumps(resolved)))
+          elif column == "jax_device_ops":
+            runs.append(_run(sys.executable, cores, "jax", args, recipe=recipe))
           else:
             runs.append(_run(sys.executable, cores, "tf", args, recipe=recipe, path=column))
         row[column] = {"runs": runs, "best_per_core": max(runs) / cores,
