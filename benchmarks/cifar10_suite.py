@@ -248,10 +248,7 @@ def method_config(name: str, args, num_train: int, conv_impl: str):
   start_steps = max(1, round(start_epochs * num_train / args.batch_size))
   if cfg.method.get("warmup_teacher_temp_epochs", 0) > 0:  # DINO's, counted in whole epochs
     cfg.method.warmup_teacher_temp_epochs = max(1, int(start_epochs))
-  opt.groups = tuple(
-      (regex, dict(settings, frozen_until_step=min(settings["frozen_until_step"], start_steps)))
-      if 0 < settings.get("frozen_until_step", 0) < config_lib.FROZEN_FOREVER else (regex, dict(settings))
-      for regex, settings in opt.groups)
+  opt.groups = tuple((regex, fit_frozen_until(settings, start_steps, start_epochs)) for regex, settings in opt.groups)
   # Events placed later in the run, at the same fractions of this one (at the recipe's epochs they would
   # never come): MoCo v1's x0.1 decays at 60% and 80%, SwAV's queue start (5% of solo-learn's run).
   scale = run_epochs / recipe_epochs
@@ -265,6 +262,18 @@ def method_config(name: str, args, num_train: int, conv_impl: str):
   cfg.eval.update(knn_k=(args.knn_k,), knn_temperature=args.knn_temperature, linear_mode="fast")
   config_lib.apply_settings(cfg, args.set)
   return cfg
+
+
+def fit_frozen_until(settings: dict, start_steps: int, start_epochs: float) -> dict:
+  """A group's temporary freeze (SwAV's prototypes, DINO's last layer), in steps or in epochs, capped at the
+  run's start-up length; a permanent freeze (frozen=True, MoCo v3's patch embedding) stays."""
+  from ssl_jax import config as config_lib
+  settings = dict(settings)
+  if 0 < settings.get("frozen_until_step", 0) < config_lib.FROZEN_FOREVER:
+    settings["frozen_until_step"] = min(settings["frozen_until_step"], start_steps)
+  if settings.get("frozen_until_epoch"):
+    settings["frozen_until_epoch"] = min(settings["frozen_until_epoch"], start_epochs)
+  return settings
 
 
 def images_per_sec(workdir: str):

@@ -1,0 +1,62 @@
+"""benchmarks/cifar10_suite.py's budget fitting: every method's start-up transients end inside the run.
+
+A freeze or warm-up longer than the run silently turns a method off (the 300-step suite of 2026-12-05 kept
+SwAV's prototypes and DINO's last layer frozen for the whole run), so each is checked on the resolved
+config, in steps, the way the optimizer will read it. Configs only: no data, no training.
+"""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from ssl_jax import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("cifar10_suite", REPO / "benchmarks" / "cifar10_suite.py")
+suite = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(suite)
+
+NUM_TRAIN = 50_000
+BATCH = 128
+
+
+def _freeze_steps(settings: dict, steps_per_epoch: float) -> int:
+  """The step a group's parameters start training at (0: never frozen), as optim.param_settings reads it."""
+  if settings.get("frozen"):
+    return config_lib.FROZEN_FOREVER
+  if settings.get("frozen_until_epoch") is not None:
+    return int(round(settings["frozen_until_epoch"] * steps_per_epoch))
+  return settings.get("frozen_until_step", 0)
+
+
+@pytest.mark.parametrize("total_steps", [300, 4_687])
+@pytest.mark.parametrize("method", suite.available_methods())
+def test_start_up_transients_end_within_a_tenth_of_the_run(method, total_steps):
+  args = suite.parse_args(["--total_steps", str(total_steps), "--batch_size", str(BATCH), "--conv_impl", "xla"])
+  cfg = suite.method_config(method, args, NUM_TRAIN, "xla")
+  recipe = config_lib.load(f"{REPO / 'configs' / method}.py:{args.variants}")
+  steps_per_epoch = NUM_TRAIN / BATCH
+  tenth = max(1, round(min(1.0, total_steps / steps_per_epoch / 10) * steps_per_epoch))
+  opt = cfg.optimizer
+  assert opt.warmup_epochs * steps_per_epoch <= tenth + 1
+  for (regex, settings), (_, recipe_settings) in zip(opt.groups, recipe.optimizer.groups):
+    until = _freeze_steps(settings, steps_per_epoch)
+    if _freeze_steps(recipe_settings, steps_per_epoch) == config_lib.FROZEN_FOREVER:
+      assert until == config_lib.FROZEN_FOREVER, (regex, settings)   # MoCo v3's patch embedding stays frozen
+    else:
+      assert until <= tenth, (method, regex, settings, tenth)
+  run_epochs = total_steps / steps_per_epoch
+  assert all(e < run_epochs for e in opt.lr_drop_epochs)
+  assert cfg.method.get("queue_start_epoch", 0) < run_epochs
+  for key in ("queue_size", "queue_length"):
+    assert cfg.method.get(key, 0) % BATCH == 0
+
+
+def test_temporary_freezes_exist_to_be_fitted():
+  """The check above is only as good as the configs it sees: SwAV and DINO do freeze a group for a while."""
+  args = suite.parse_args(["--total_steps", "300"])
+  temporary = {m for m in ("swav", "dino")
+               for _, s in config_lib.load(f"{REPO / 'configs' / m}.py:{args.variants}").optimizer.groups
+               if 0 < _freeze_steps(s, NUM_TRAIN / BATCH) < config_lib.FROZEN_FOREVER}
+  assert temporary == {"swav", "dino"}
