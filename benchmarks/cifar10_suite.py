@@ -13,9 +13,9 @@ initialize the same encoder (the ResNet methods at one seed) share them (WORKDIR
 the initial variables' bytes, the input preparation and the protocols' settings).
 
 Only the budget is shared; everything else is each method's own recipe. Shared: the data (cifar10 at
---data_dir), the global batch, the number of epochs (or --total_steps), the model width and convolution,
-seed 0, logging every 10 steps and a checkpoint every 100, a shuffle buffer of the whole train split (at
-most 50,000) and queues rounded to a multiple of the batch (MoCo's tiny 4096 and SwAV's 512 are kept at
+--data_dir), the global batch, the number of epochs (or --total_steps, or --minutes), the model width and
+convolution, seed 0, logging every 10 steps and a checkpoint every 100, a shuffle buffer of the whole train
+split (at most 50,000) and queues rounded to a multiple of the batch (MoCo's tiny 4096 and SwAV's 512 are kept at
 batch 128). Fitted to the run's length: start-up transients last min(recipe, 1 epoch, a tenth of the
 run) (the 10 warm-up epochs, where the recipe has a warm-up, SwAV's 2 epochs of frozen prototypes and
 DINO's 30 epochs of teacher-temperature warm-up would take most of 12 epochs), and later events come at
@@ -38,6 +38,9 @@ Commands (single process; the machine's devices form the data-parallel mesh):
   # ... and with the full-width ResNet-18 on an accelerator (conv_impl defaults to xla there):
   python benchmarks/cifar10_suite.py --data_dir ../shared/data/tfds --width 64 \
       --workdir workdirs/cifar10_suite_full_w64
+  # A budget in minutes instead of epochs (each method's steps come from its own images/s over
+  # CALIBRATION_STEPS steps on this host, measured before it trains and kept for a resume):
+  python benchmarks/cifar10_suite.py --data_dir ../shared/data/tfds --minutes 6 --workdir workdirs/cifar10_min6
   # Smoke run (a few steps per method):
   python benchmarks/cifar10_suite.py --methods simclr,vicreg --total_steps 3 --workdir /tmp/suite_smoke
 
@@ -72,6 +75,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CONFIGS = REPO / "configs"
 NOT_METHODS = ("quickstart",)   # configs/ files that are not a method's recipe
+CALIBRATION_STEPS = 30          # a --minutes budget's speed measurement per method (the first 5 excluded)
 SUITE_FILE = "suite.json"       # per method workdir: the budget and the wall time spent so far
 RANDOM_INIT_FILE = "random_init.json"  # in --workdir: random-init figures by random_init_key
 PROTOCOLS = ("knn", "linear")
@@ -90,6 +94,9 @@ def parse_args(argv=None):
                  help="a prepared TFDS directory holding cifar10; default: the embedded 4,000-image subset")
   p.add_argument("--epochs", type=float, default=12.0, help="pre-training epochs (the quickstart's 12)")
   p.add_argument("--total_steps", type=int, default=0, help="pre-training steps instead of --epochs (smoke runs)")
+  p.add_argument("--minutes", type=float, default=0.0,
+                 help="pre-training minutes per method instead of --epochs: each method's steps are fixed from "
+                      f"its images/s over {CALIBRATION_STEPS} calibration steps on this host, before it trains")
   p.add_argument("--batch_size", type=int, default=128, help="global batch")
   p.add_argument("--width", type=int, default=16, help="ResNet-18 first-stage channels (64 = full width)")
   p.add_argument("--conv_impl", default=None, help="model.conv_impl; default: patches on CPU, xla elsewhere")
@@ -119,6 +126,7 @@ def budget(args) -> dict:
   """The settings a method's pre-training run is defined by: a workdir holds a run of exactly these."""
   return {"dataset": "cifar10", "data": data_name(args.data_dir), "epochs": args.epochs,
           "total_steps": args.total_steps, "batch_size": args.batch_size, "width": args.width,
+          **({"minutes": args.minutes} if args.minutes else {}),
           "variants": args.variants, **({"settings": list(args.set)} if args.set else {})}
 
 
@@ -153,8 +161,10 @@ def input_error(args):
     return f"--data_dir {args.data_dir} does not exist (a prepared TFDS directory holding cifar10)"
   if not os.path.isdir(os.path.join(args.data_dir, "cifar10")):
     return f"--data_dir {args.data_dir} holds no cifar10/ (prepare it with tfds, or pass its parent)"
-  if args.epochs <= 0 or args.total_steps < 0 or args.batch_size <= 0 or args.width <= 0:
-    return "--epochs, --batch_size and --width must be > 0 and --total_steps >= 0"
+  if args.epochs <= 0 or args.total_steps < 0 or args.minutes < 0 or args.batch_size <= 0 or args.width <= 0:
+    return "--epochs, --batch_size and --width must be > 0, --total_steps and --minutes >= 0"
+  if args.total_steps and args.minutes:
+    return "pass --total_steps or --minutes, not both"
   if args.knn_k <= 0 or args.knn_temperature <= 0:
     return "--knn_k and --knn_temperature must be > 0"
   for path, what in [(args.out, "--out")] + [(os.path.join(args.workdir, m, SUITE_FILE), f"{m}'s workdir")
@@ -228,14 +238,16 @@ def host_info() -> dict:
           "python": platform.python_version(), "jax": jax.__version__}
 
 
-def method_config(name: str, args, num_train: int, conv_impl: str):
-  """configs/<name>.py:<variants> with the shared budget (see the module docstring)."""
+def method_config(name: str, args, num_train: int, conv_impl: str, total_steps: int = 0):
+  """configs/<name>.py:<variants> with the shared budget (see the module docstring); total_steps (a
+  --minutes budget's calibrated steps) replaces --total_steps."""
   from ssl_jax import config as config_lib
   cfg = config_lib.load(f"{CONFIGS / name}.py:{args.variants}")
   recipe_epochs = cfg.num_epochs
-  run_epochs = args.total_steps * args.batch_size / num_train if args.total_steps else args.epochs
+  total_steps = total_steps or args.total_steps
+  run_epochs = total_steps * args.batch_size / num_train if total_steps else args.epochs
   cfg.update(dataset="cifar10", data_dir=args.data_dir, batch_size=args.batch_size, num_epochs=float(args.epochs),
-             total_steps=args.total_steps, seed=0, data_shards=0, steps_per_loop=1, log_every_steps=10,
+             total_steps=total_steps, seed=0, data_shards=0, steps_per_loop=1, log_every_steps=10,
              checkpoint_every_steps=100, shuffle_buffer=min(50_000, num_train))
   if cfg.model.name == "resnet":  # the ViT configs keep their variants' model (tiny: width 64, 4 blocks)
     cfg.model.update(width=args.width, conv_impl=conv_impl)
@@ -351,6 +363,33 @@ def evaluate(workdir: str, settings: dict, with_raw_pixels: bool, cache_path: st
   return ssl, random_init, raw, out["step"], cfg
 
 
+def calibrated_steps(name: str, args, num_train: int, conv_impl: str, workdir: str) -> int:
+  """A --minutes budget in steps: the method's images/s over CALIBRATION_STEPS steps of its own recipe on
+  this host (in WORKDIR/calibration, removed afterwards) times the minutes. Measured once: the result is
+  kept in WORKDIR/suite.json, so a resumed run keeps its schedule."""
+  import shutil
+  from ssl_jax import train
+  suite_path = os.path.join(workdir, SUITE_FILE)
+  saved = read_json(suite_path).get("calibration")
+  if saved:
+    return saved["total_steps"]
+  caldir = os.path.join(workdir, "calibration")
+  shutil.rmtree(caldir, ignore_errors=True)  # a calibration killed half-way starts again
+  cfg = method_config(name, args, num_train, conv_impl, total_steps=10 * CALIBRATION_STEPS)
+  cfg.update(log_every_steps=CALIBRATION_STEPS // 6, checkpoint_every_steps=10 * CALIBRATION_STEPS)
+  print(f"\n== {name}: calibrating ({CALIBRATION_STEPS} steps) for a budget of {args.minutes:g} minutes",
+        flush=True)
+  start = time.time()
+  train.train(cfg, caldir, stop_at_step=CALIBRATION_STEPS)
+  speed = images_per_sec(caldir)  # without the first interval, which holds the compilation
+  steps = max(1, round(args.minutes * 60 * speed / args.batch_size))
+  update_json(suite_path, calibration={"images_per_sec": speed, "steps": CALIBRATION_STEPS,
+                                       "seconds": time.time() - start, "total_steps": steps})
+  shutil.rmtree(caldir, ignore_errors=True)
+  print(f"{name}: {speed:.0f} images/s -> {steps} steps", flush=True)
+  return steps
+
+
 def run_method(name: str, args, results: dict, num_train: int, conv_impl: str, host: dict) -> bool:
   """Pre-trains and evaluates one method, recording it in `results` (and --out). False when pre-training
   stopped early (SIGTERM): re-running continues it."""
@@ -358,10 +397,11 @@ def run_method(name: str, args, results: dict, num_train: int, conv_impl: str, h
   from ssl_jax import train
   workdir = os.path.join(args.workdir, name)
   suite_path = os.path.join(workdir, SUITE_FILE)
-  cfg = method_config(name, args, num_train, conv_impl)
-  total = config_lib.resolve(cfg, num_train).total_steps
   os.makedirs(workdir, exist_ok=True)
   update_json(suite_path, budget=budget(args))
+  steps = calibrated_steps(name, args, num_train, conv_impl, workdir) if args.minutes else 0
+  cfg = method_config(name, args, num_train, conv_impl, total_steps=steps)
+  total = config_lib.resolve(cfg, num_train).total_steps
   step = latest_step(workdir, cfg)
   if step < total:
     print(f"\n== {name}: pre-training {'from step %d' % step if step else 'from scratch'} to step {total} "
@@ -398,6 +438,7 @@ def run_method(name: str, args, results: dict, num_train: int, conv_impl: str, h
                            **{k: resolved.method[k] for k in ("queue_size", "queue_length", "queue_start_epoch",
                                                              "warmup_teacher_temp_epochs")
                               if k in resolved.method}},
+      **({"calibration": suite["calibration"]} if "calibration" in suite else {}),
       "host": host, "date": now()}
   return True
 
@@ -490,7 +531,8 @@ def main(argv=None) -> int:
         return 0
     results["date"] = now()
     write_json(args.out, results)
-    budget_line = (f"{args.total_steps} steps" if args.total_steps else f"{args.epochs:g} epochs") + \
+    budget_line = (f"{args.total_steps} steps" if args.total_steps else f"{args.minutes:g} minutes"
+                   if args.minutes else f"{args.epochs:g} epochs") + \
         f" of {num_train} images, batch {args.batch_size}, ResNet-18 width {args.width} ({conv_impl})"
     print(f"\nCIFAR-10 suite: {budget_line}; {host['device_kind']} x{host['num_devices']}, "
           f"{host['cpu_cores']} cores\n")

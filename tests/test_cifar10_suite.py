@@ -60,3 +60,36 @@ def test_temporary_freezes_exist_to_be_fitted():
                for _, s in config_lib.load(f"{REPO / 'configs' / m}.py:{args.variants}").optimizer.groups
                if 0 < _freeze_steps(s, NUM_TRAIN / BATCH) < config_lib.FROZEN_FOREVER}
   assert temporary == {"swav", "dino"}
+
+
+def test_minutes_budget_fixes_each_methods_steps_once(tmp_path, monkeypatch):
+  """--minutes: steps = minutes x the calibration's images/s (its first interval, the compilation, left
+  out) / batch, measured once and kept in suite.json, so a resumed run keeps the same schedule."""
+  from ssl_jax import train as train_lib
+  calls = []
+
+  def fake_train(cfg, workdir, stop_at_step=None):
+    calls.append((cfg.total_steps, stop_at_step))
+    pathlib.Path(workdir).mkdir(parents=True)
+    rows = [(5, 10.0, 1.0), (10, 200.0, 2.0), (15, 256.0, 3.0), (20, 300.0, 4.0)]  # step, images/s, elapsed
+    with open(pathlib.Path(workdir) / "metrics.jsonl", "w") as f:
+      for step, ips, elapsed in rows:
+        f.write(f'{{"step": {step}, "images_per_sec": {ips}, "elapsed_seconds": {elapsed}}}\n')
+    return {"preempted": False}
+
+  monkeypatch.setattr(train_lib, "train", fake_train)
+  args = suite.parse_args(["--minutes", "2", "--batch_size", str(BATCH), "--workdir", str(tmp_path)])
+  workdir = tmp_path / "simclr"
+  steps = suite.calibrated_steps("simclr", args, NUM_TRAIN, "xla", str(workdir))
+  assert steps == round(2 * 60 * 256.0 / BATCH)             # the median of 200, 256, 300
+  assert calls == [(10 * suite.CALIBRATION_STEPS, suite.CALIBRATION_STEPS)]
+  assert not (workdir / "calibration").exists()
+  assert suite.calibrated_steps("simclr", args, NUM_TRAIN, "xla", str(workdir)) == steps
+  assert len(calls) == 1                                   # kept, not measured again
+  cfg = suite.method_config("simclr", args, NUM_TRAIN, "xla", total_steps=steps)
+  assert config_lib.resolve(cfg, NUM_TRAIN).total_steps == steps
+
+
+def test_minutes_and_total_steps_are_exclusive(tmp_path):
+  args = suite.parse_args(["--minutes", "2", "--total_steps", "10", "--workdir", str(tmp_path)])
+  assert "not both" in suite.input_error(args)
