@@ -262,11 +262,15 @@ def method_config(name: str, args, num_train: int, conv_impl: str, total_steps: 
     cfg.method.warmup_teacher_temp_epochs = max(1, int(start_epochs))
   opt.groups = tuple((regex, fit_frozen_until(settings, start_steps, start_epochs)) for regex, settings in opt.groups)
   # Events placed later in the run, at the same fractions of this one (at the recipe's epochs they would
-  # never come): MoCo v1's x0.1 decays at 60% and 80%, SwAV's queue start (5% of solo-learn's run).
+  # never come): MoCo v1's x0.1 decays at 60% and 80%, SwAV's queue start (5% of solo-learn's run), which
+  # every recipe places after the prototypes unfreeze (official: frozen 1 epoch, queue from epoch 15;
+  # solo-learn: 2 and 50) and which is kept there: a queue that starts while the transients still run
+  # disturbs training (the official README's "Common Issues"; 300 steps on CIFAR-10: kNN 25.5 with the
+  # queue from step 15, 30.2 from step 30).
   scale = run_epochs / recipe_epochs
   opt.lr_drop_epochs = tuple(e * scale for e in opt.lr_drop_epochs)
   if cfg.method.get("queue_start_epoch", 0) > 0:
-    cfg.method.queue_start_epoch = cfg.method.queue_start_epoch * scale
+    cfg.method.queue_start_epoch = max(cfg.method.queue_start_epoch * scale, start_epochs)
   for key in ("queue_size", "queue_length"):
     # Queues are replaced a whole batch at a time (MoCo asserts K % batch == 0): the nearest multiple.
     if cfg.method.get(key, 0) > 0 and cfg.method[key] % args.batch_size:

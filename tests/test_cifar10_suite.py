@@ -49,6 +49,10 @@ def test_start_up_transients_end_within_a_tenth_of_the_run(method, total_steps):
   run_epochs = total_steps / steps_per_epoch
   assert all(e < run_epochs for e in opt.lr_drop_epochs)
   assert cfg.method.get("queue_start_epoch", 0) < run_epochs
+  if recipe.method.get("queue_start_epoch", 0) > 0:   # SwAV's queue: after the transients, as in its recipes
+    start = round(cfg.method.queue_start_epoch * steps_per_epoch)   # DataFacts.steps rounds
+    assert start >= max([opt.warmup_epochs * steps_per_epoch - 1] +
+                        [_freeze_steps(s, steps_per_epoch) for _, s in opt.groups]), (method, start)
   for key in ("queue_size", "queue_length"):
     assert cfg.method.get(key, 0) % BATCH == 0
 
