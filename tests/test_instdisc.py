@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import REPO, numeric_grad, set_keys, stop_and_resume
 from ssl_jax import config as config_lib
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import losses, methods, parallel, train
+from ssl_jax import losses, methods, optim, parallel, train
 from ssl_jax.errors import ConfigError
 from test_vit_methods import assert_trees_close, random_batch, run_steps
 
@@ -87,6 +87,14 @@ def test_bank_update_is_the_normalized_momentum_average():
   v, f = rng.normal(size=(4, 3)), _unit(rng.normal(size=(4, 3)))
   out = np.asarray(losses.memory_bank_update(jnp.asarray(v), jnp.asarray(f), 0.5))
   np.testing.assert_allclose(out, _unit(0.5 * v + 0.5 * f), rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant,batch,lr", [("imagenet", 256, 0.03), ("cifar10", 128, 0.03)])
+def test_learning_rate_at_the_official_batch_is_the_official_rate(variant, batch, lr):
+  """lemniscate's main.py: lr 0.03 at batch 256; cifar.py: lr 0.03 at batch 128 (l.30, 65)."""
+  cfg = config_lib.load(f"{REPO}/configs/instdisc.py:{variant}")
+  assert cfg.batch_size == batch
+  assert optim.peak_learning_rate(cfg) == pytest.approx(lr)
 
 
 def instdisc_config(nce_k=16, batch=16):
