@@ -97,6 +97,12 @@ def test_learning_rate_at_the_official_batch_is_the_official_rate(variant, batch
   assert optim.peak_learning_rate(cfg) == pytest.approx(lr)
 
 
+# The norm of the second step's gradient, a float32 sum of squares over every parameter: 2e-7 apart on this
+# host, 4e-5 apart on the CI host (nce_k=0, 15.330072 on 8 devices vs 15.330687 on 1); parameters and bank
+# are still compared element by element below.
+GRAD_NORM_RTOL = 1e-4
+
+
 def instdisc_config(nce_k=16, batch=16):
   cfg = config_lib.load(f"{REPO}/configs/instdisc.py:cifar10,tiny")
   cfg.batch_size = batch
@@ -138,8 +144,8 @@ def test_eight_devices_equal_one_and_the_bank_takes_the_batch(nce_k):
   batches[1]["index"] = np.arange(16, 32, dtype=np.int64)
   method, one, m1 = run_steps(cfg, parallel.make_mesh(jax.devices()[:1]), batches, NUM_TRAIN)
   _, eight, m8 = run_steps(cfg, parallel.make_mesh(), batches, NUM_TRAIN)
-  for key in ("loss", "total_loss", "grad_norm"):
-    np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
+  for key, rtol in (("loss", 2e-5), ("total_loss", 2e-5), ("grad_norm", GRAD_NORM_RTOL)):
+    np.testing.assert_allclose(m8[key], m1[key], rtol=rtol, err_msg=key)
   assert_trees_close(eight[-1].params, one[-1].params, atol=1e-6)
   assert_trees_close(eight[-1].method_state, one[-1].method_state, atol=1e-6)
 
@@ -230,8 +236,8 @@ def test_sharded_bank_step_equals_the_replicated_bank():
   _, replicated, m1 = run("replicated", jax.devices()[:1])
   assert sharded.method_state["bank"].sharding.spec == P("data")
   assert sharded.method_state["bank"].addressable_shards[0].data.shape == (4096 // 8, 64)
-  for key in ("loss", "total_loss", "grad_norm"):
-    np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
+  for key, rtol in (("loss", 2e-5), ("total_loss", 2e-5), ("grad_norm", GRAD_NORM_RTOL)):
+    np.testing.assert_allclose(m8[key], m1[key], rtol=rtol, err_msg=key)
   assert_trees_close(jax.device_get(sharded.params), jax.device_get(replicated.params), atol=1e-6)
   assert_trees_close(jax.device_get(sharded.method_state), jax.device_get(replicated.method_state), atol=1e-6)
   assert float(sharded.method_state["z"]) > 0
