@@ -251,7 +251,7 @@ def sinkhorn(scores, epsilon=0.05, iterations=3, global_sum=_local_sum):
 
 
 def swav_loss(crop_scores, queue_scores=None, crops_for_assign=(0, 1), temperature=0.1, epsilon=0.05,
-              sinkhorn_iterations=3, global_sum=_local_sum):
+              sinkhorn_iterations=3, global_sum=_local_sum, return_codes=False):
   """SwAV's swapped prediction over multi-crop views (Caron et al. 2020, eq. 1-2), averaged as the
   official code (facebookresearch/swav main_swav.py l.289-315):
 
@@ -277,20 +277,23 @@ def swav_loss(crop_scores, queue_scores=None, crops_for_assign=(0, 1), temperatu
     temperature, epsilon, sinkhorn_iterations: SwAV's fixed values by default.
     global_sum: the identity on one device, `parallel.sum` under shard_map (Sinkhorn's global sums only;
       the loss itself is the mean over this device's examples, made global by the trainer's mean).
-  Returns: the scalar loss over this device's examples.
+    return_codes: also return the codes, one [n, K] array per assignment crop (for diagnostics).
+  Returns: the scalar loss over this device's examples (and the codes with return_codes).
   """
   num_crops = len(crop_scores)
   n = crop_scores[0].shape[0]
   log_probs = [jax.nn.log_softmax(s.astype(jnp.float32) / temperature, axis=-1) for s in crop_scores]
-  loss = 0.0
+  loss, all_codes = 0.0, []
   for i, a in enumerate(crops_for_assign):
     scores = crop_scores[a]
     if queue_scores is not None:
       scores = jnp.concatenate([queue_scores[i].astype(scores.dtype), scores])
     codes = sinkhorn(scores, epsilon, sinkhorn_iterations, global_sum)[-n:]
+    all_codes.append(codes)
     cross_entropies = [-jnp.mean(jnp.sum(codes * log_probs[v], axis=-1)) for v in range(num_crops) if v != a]
     loss = loss + sum(cross_entropies) / (num_crops - 1)
-  return loss / len(crops_for_assign)
+  loss = loss / len(crops_for_assign)
+  return (loss, all_codes) if return_codes else loss
 
 
 def moco_v3_contrastive(q, k_all, offset, temperature):

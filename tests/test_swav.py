@@ -16,7 +16,7 @@ from ssl_jax import config as config_lib
 from ssl_jax import losses, methods, optim, parallel, train
 from ssl_jax.data.datasets import EMBEDDED_DATA_DIR
 from ssl_jax.errors import ConfigError
-from ssl_jax.methods import base
+from ssl_jax.methods import base, swav
 from test_sharding import assert_trees_close
 
 BATCH = 16
@@ -105,13 +105,38 @@ def test_eight_devices_equal_one_with_the_queue_empty_and_in_use(steps):
   _, results = steps
   for name in ("empty", "full"):
     for (s8, m8), (s1, m1) in zip(results[8][1][name], results[1][1][name]):
-      for key in ("loss", "total_loss", "grad_norm", "embedding_std", "queue_in_use"):
-        np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
+      for key in ("loss", "total_loss", "grad_norm", "embedding_std", "queue_in_use", "code_entropy",
+                  "prediction_entropy", "prototype_cosine"):
+        np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, atol=1e-7, err_msg=key)
       # SGD: equal new params mean equal gradients, the prototypes' included (trained in the second step).
       assert_trees_close(s8.params, s1.params, rtol=1e-4, atol=1e-6)
       assert_trees_close(s8.batch_stats, s1.batch_stats, rtol=1e-4, atol=1e-5)
       assert_trees_close(s8.method_state, s1.method_state, rtol=1e-4, atol=1e-6)
       assert_trees_close(s8.opt_state, s1.opt_state, rtol=1e-4, atol=1e-6)
+
+
+def test_collapse_diagnostics_are_the_direct_figures_and_warn_at_the_uniform_collapse(steps):
+  _, results = steps
+  rng = np.random.default_rng(3)
+  kernel = unit_rows(rng, (64, 16)).T  # [dim 16, K 64], unit columns
+  gram = kernel.T.astype(np.float64) @ kernel
+  direct = (gram.sum() - np.trace(gram)) / (64 * 63)
+  np.testing.assert_allclose(swav._mean_pairwise_cosine(jnp.asarray(kernel)), direct, atol=1e-6)
+  np.testing.assert_allclose(swav._mean_pairwise_cosine(jnp.tile(kernel[:, :1], (1, 64))), 1.0, rtol=1e-5)
+  probs = np.full((3, 64), 1 / 64, np.float32)
+  np.testing.assert_allclose(swav._entropy(jnp.asarray(probs)), np.log(64), rtol=1e-6)
+  assert float(swav._entropy(jnp.asarray(np.eye(64, dtype=np.float32)[:3]))) == 0.0
+  # The step's metrics: entropies of probability rows over the 64 prototypes, the initial prototypes'
+  # mean cosine that of 64 random unit vectors in 32 dimensions (about 0, standard error ~0.01).
+  metrics = results[1][1]["empty"][0][1]
+  assert 0 < metrics["code_entropy"] <= np.log(64) + 1e-5 and 0 < metrics["prediction_entropy"] <= np.log(64) + 1e-5
+  assert abs(metrics["prototype_cosine"]) < 0.05
+  cfg = config_lib.resolve(swav_config(), 1000)
+  method = methods.get(cfg, methods.DataFacts(1000, cfg.batch_size))
+  log_k = np.log(cfg.method.num_prototypes)
+  assert "collapse" in method.log_warnings({"loss": log_k, "prediction_entropy": 0.99 * log_k})[0]
+  assert method.log_warnings({"loss": log_k, "prediction_entropy": 0.5 * log_k}) == []
+  assert method.log_warnings({"loss": 0.5 * log_k, "prediction_entropy": log_k}) == []
 
 
 def test_queue_is_used_once_full_and_fills_first_in_first_out(steps):

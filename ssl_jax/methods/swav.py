@@ -192,9 +192,11 @@ class SwAV(base.Method):
     crop_scores = [scores[v * n:(v + 1) * n] for v in range(len(crops))]
 
     def swav(queue_scores=None):
-      return losses.swav_loss(crop_scores, queue_scores, crops_for_assign=self.crops_for_assign,
-                              temperature=m.temperature, epsilon=m.epsilon,
-                              sinkhorn_iterations=m.sinkhorn_iterations, global_sum=parallel.sum)
+      loss, codes = losses.swav_loss(crop_scores, queue_scores, crops_for_assign=self.crops_for_assign,
+                                     temperature=m.temperature, epsilon=m.epsilon,
+                                     sinkhorn_iterations=m.sinkhorn_iterations, global_sum=parallel.sum,
+                                     return_codes=True)
+      return loss, _entropy(jnp.concatenate(codes))
 
     metrics, per_example = {}, {}
     if m.queue_length:
@@ -204,7 +206,7 @@ class SwAV(base.Method):
       mine = jax.lax.dynamic_slice_in_dim(queue, parallel.device_index() * rows, rows, axis=1)
       # Full once its oldest slot is written (main_swav.py l.296); the same on every device.
       in_use = jnp.any(queue[:, -1] != 0)
-      loss = jax.lax.cond(
+      loss, code_entropy = jax.lax.cond(
           in_use,
           lambda: swav([self.prototypes.apply({"params": params["prototypes"]}, mine[i])
                         for i in range(len(self.crops_for_assign))]),
@@ -213,10 +215,29 @@ class SwAV(base.Method):
       per_example["assign_embeddings"] = jax.lax.stop_gradient(
           jnp.stack([crop_z[a] for a in self.crops_for_assign], axis=1))  # [n, len(crops_for_assign), dim]
     else:
-      loss = swav()
+      loss, code_entropy = swav()
+    # Collapse diagnostics (log_warnings): the entropies of the codes and of the predictions, and the
+    # prototypes' mean pairwise cosine.
+    predictions = jax.nn.softmax(jax.lax.stop_gradient(scores).astype(jnp.float32) / m.temperature, axis=-1)
+    metrics.update(code_entropy=code_entropy, prediction_entropy=_entropy(predictions),
+                   prototype_cosine=_mean_pairwise_cosine(jax.lax.stop_gradient(params["prototypes"]["kernel"])))
     return loss, base.LossOutput(
         batch_stats={"encoder": encoder_stats, "projector": projector_stats}, metrics=metrics,
         representation=hs[0], embedding=crop_z[0], per_example=per_example)
+
+  def log_warnings(self, row):
+    """The uniform collapse: the loss and the predictions' entropy both near log(K). Sinkhorn's codes are
+    near uniform too when the embeddings collapse to one point, or the prototypes to one direction
+    (`prototype_cosine` near 1)."""
+    log_k = math.log(self.config.method.num_prototypes)
+    loss, entropy = float(row.get("loss", 0.0)), float(row.get("prediction_entropy", 0.0))
+    if loss >= 0.95 * log_k and entropy >= 0.95 * log_k:
+      return [f"SwAV loss {loss:.4f} and prediction entropy {entropy:.4f} sit near log(num_prototypes) = "
+              f"{log_k:.4f}: every crop predicts (nearly) uniform assignments, a collapse (code entropy "
+              f"{float(row.get('code_entropy', 0.0)):.4f}, prototype cosine "
+              f"{float(row.get('prototype_cosine', 0.0)):.4f}). Check the learning rate, the prototypes' "
+              "freeze and the queue start"]
+    return []
 
   def update_state(self, method_state, params, state_stats, per_example, step):
     if not self.config.method.queue_length:
@@ -225,6 +246,18 @@ class SwAV(base.Method):
     new = jnp.swapaxes(per_example["assign_embeddings"], 0, 1)  # [len(crops_for_assign), B, dim], batch order
     pushed = jnp.concatenate([new, queue[:, :queue.shape[1] - new.shape[1]]], axis=1)  # newest first
     return {"queue": jnp.where(step >= self.queue_start_step(), pushed, queue)}
+
+
+def _entropy(probs):
+  """Mean entropy (nats) of the rows of [n, K] probabilities."""
+  return -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1))
+
+
+def _mean_pairwise_cosine(kernel):
+  """Mean cosine between distinct columns of a [dim, K] kernel of unit columns (1: all one direction)."""
+  k = kernel.shape[1]
+  total = jnp.sum(jnp.square(jnp.sum(kernel, axis=1)))  # sum over all pairs (i, j) of <c_i, c_j>
+  return (total - jnp.sum(jnp.square(kernel))) / (k * (k - 1))
 
 
 def _normalize_prototypes(prototypes):
