@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
@@ -219,6 +220,33 @@ def build(config, mesh, num_train_examples: int, num_classes: int):
   return config, method, state, jit_train_step(step, mesh, sharding), loop_fn, schedule
 
 
+def run_initial_pass(config, method, state, mesh):
+  """`state` with the method_state entries the method fills from one pass of its initial network over the
+  training split (Method.initial_pass / fill_state; InstDisc's bank_init="encoder"), each placed in its
+  entry's layout. Called on a fresh run only: a resumed run restores what the pass wrote. The pass reads
+  the split in order (row i is the example of index i) and is deterministic, so a run killed before its
+  first checkpoint recomputes the same values."""
+  fn = method.initial_pass()
+  if fn is None:
+    return state
+  from ssl_jax.evaluate import features as features_lib  # evaluation's whole-split pass, in split order
+  start = time.time()
+  jitted = jax.jit(fn)
+  values, _ = features_lib.extract(config, lambda x: jitted(state.params, state.batch_stats, x),
+                                   datasets.of(config).pretrain_split, mesh, config.eval.batch_size, in_order=True)
+  filled = method.fill_state(values)
+  method_state = dict(state.method_state)
+  for key, value in filled.items():
+    old = method_state[key]
+    if value.shape != old.shape:
+      raise ValueError(f"fill_state gave method_state[{key!r}] the shape {value.shape}, not {old.shape}")
+    method_state[key] = jax.make_array_from_callback(old.shape, old.sharding,
+                                                     lambda index, v=value.astype(old.dtype): v[index])
+  logging.info("method_state %s filled by the initial network's pass over the %d training images (%.0f s)",
+               ", ".join(sorted(filled)), values.shape[0], time.time() - start)
+  return state.replace(method_state=method_state)
+
+
 FINITE = "finite"  # the metrics entry holding guard.finite_flags (not written as a metric)
 
 
@@ -315,6 +343,8 @@ def train(config, workdir: str, stop_at_step: Optional[int] = None) -> Dict[str,
   is_main = jax.process_index() == 0
   manager = ckpt_lib.Manager(workdir, config)
   state, start_step = manager.restore_latest(state)
+  if not start_step:
+    state = run_initial_pass(config, method, state, mesh)
   writer = metrics_lib.Writer(workdir, enabled=is_main, resume_step=start_step)
   if is_main:
     ckpt_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())

@@ -172,6 +172,8 @@ def test_eight_devices_equal_one_and_the_bank_takes_the_batch(nce_k):
 
 def test_stopped_run_resumes_with_its_bank_and_z_in_either_layout(tmp_path):
   cfg = instdisc_config(nce_k=64, batch=32)
+  # The bank from the initial network's pass: the resumed half must restore it, not pass again.
+  cfg.method.bank_init = "encoder"
   whole, parts = stop_and_resume(cfg, tmp_path)
   z = float(jax.device_get(whole["state"].method_state["z"]))
   assert z > 0 and whole["state"].method_state["bank"].shape == (4096, 64)
@@ -189,6 +191,40 @@ def test_stopped_run_resumes_with_its_bank_and_z_in_either_layout(tmp_path):
                                 jax.device_get(whole["state"].method_state["bank"]))
   assert float(restored.method_state["z"]) == z
   shutil.rmtree(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("sharding,nce_k", [("replicated", 0), ("sharded", 16)])
+def test_encoder_bank_init_holds_the_initial_network_feature_of_each_training_image(sharding, nce_k):
+  """bank_init="encoder": row i is the initial network's normalized feature of the image training reads
+  as index i (pipeline._read, the training reader: an independent path to the index), the padding rows are
+  zero, and the bank keeps its layout."""
+  from ssl_jax.data import augment, datasets, pipeline
+  cfg = instdisc_config(nce_k=nce_k, batch=32)
+  cfg.data_dir = str(REPO / "ssl_jax" / "data" / "embedded")
+  cfg.method.update(bank_init="encoder", bank_sharding=sharding)
+  mesh = parallel.make_mesh()
+  config, method, state, *_ = train.build(cfg, mesh, 4000, 10)
+  filled = train.run_initial_pass(config, method, state, mesh)
+  bank = np.asarray(jax.device_get(filled.method_state["bank"]))
+  assert filled.method_state["bank"].sharding == state.method_state["bank"].sharding
+  assert bank.shape == (4096, 64) and not bank[4000:].any()
+  np.testing.assert_allclose(np.linalg.norm(bank[:4000], axis=1), 1.0, rtol=1e-5)
+  wanted = [0, 1, 2047, 3999]
+  info = datasets.of(config)
+  images = {}
+  for ex in pipeline._read(pipeline.builder_of(config), "train", 0, 1).as_numpy_iterator():
+    if ex["index"] in wanted:
+      image = augment.eval_transform(ex["image"], info.image_size, info.eval_crop_proportion)
+      if config.normalize_inputs:
+        image = augment.normalize(image, info.mean, info.std)
+      images[int(ex["index"])] = np.asarray(image)
+  x = jnp.asarray(np.stack([images[i] for i in wanted]))
+  params = jax.device_get(state.params)
+  variables = {"params": {k: params[k] for k in ("encoder", "projector")},
+               "batch_stats": jax.device_get(state.batch_stats)}
+  direct = _unit(np.asarray(method.network.apply(variables, x, train=False)[1], np.float64))
+  np.testing.assert_allclose(bank[wanted], direct, atol=2e-5)
+  assert float(filled.method_state["z"]) == -1.0
 
 
 def test_row_sharded_lookups_and_updates_match_a_whole_table():

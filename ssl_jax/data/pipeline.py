@@ -221,8 +221,13 @@ def _shard_stream(cfg, builder, split: str, views, shard: int, num_shards: int, 
 
 
 def eval_batches(cfg, split: str, local_batch: int, crop_size: int, crop_proportion: float,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+                 process_index: int = 0, process_count: int = 1,
+                 in_order: bool = False) -> Iterator[Dict[str, np.ndarray]]:
   """One pass over `split` for evaluation, every example exactly once over all processes.
+
+  in_order: read the files one after the other, so that `index` is the example's position in the split,
+  the index pretrain_batches gives it (_read); by default TFDS interleaves the files of a split, which
+  reads faster from remote storage and is all that evaluation needs (it pairs features with labels).
 
   Each process reads a contiguous share (sizes differ by at most one example); the last batch of each
   process, and any batch a process needs to match the batch count of the others, is padded, and
@@ -234,7 +239,9 @@ def eval_batches(cfg, split: str, local_batch: int, crop_size: int, crop_proport
   start, stop = bounds[process_index], bounds[process_index + 1]
   most = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
   num_batches = -(-most // local_batch)
-  ds = builder.as_dataset(split=f"{split}[{start}:{stop}]", shuffle_files=False, decoders=_ENCODED)
+  read_config = tfds.ReadConfig(interleave_cycle_length=1) if in_order else None
+  ds = builder.as_dataset(split=f"{split}[{start}:{stop}]", shuffle_files=False, decoders=_ENCODED,
+                          read_config=read_config)
   has_label = "label" in builder.info.features
   normalize, mean, std = cfg.normalize_inputs, info.mean, info.std
 

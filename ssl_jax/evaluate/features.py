@@ -16,8 +16,10 @@ from ssl_jax.data import datasets, pipeline
 PROGRESS_EVERY_SECONDS = 30
 
 
-def extract(cfg, represent: Callable, split: str, mesh, batch_size: int = 256) -> Tuple[np.ndarray, np.ndarray]:
-  """(features [n, d] float32, labels [n] int32) for every example of `split`, in split order.
+def extract(cfg, represent: Callable, split: str, mesh, batch_size: int = 256,
+            in_order: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+  """(features [n, d] float32, labels [n] int32) for every example of `split`, in split order (in_order:
+  row i is the example training calls index i; pipeline.eval_batches).
 
   represent: x [b, h, w, 3] -> [b, d] (jitted by the caller, so repeated calls do not recompile), applied
   to global batches sharded over the mesh. Batches are padded (pipeline.eval_batches) and padding is
@@ -32,7 +34,7 @@ def extract(cfg, represent: Callable, split: str, mesh, batch_size: int = 256) -
   total = pipeline.num_examples(pipeline.builder_of(cfg), split)
   start = last_report = time.time()
   for batch in pipeline.eval_batches(cfg, split, local, info.image_size, info.eval_crop_proportion,
-                                     jax.process_index(), jax.process_count()):
+                                     jax.process_index(), jax.process_count(), in_order=in_order):
     out = represent(parallel.to_global(mesh, batch["image"]))
     rest = parallel.to_global(mesh, {k: batch[k] for k in ("label", "index", "mask")})
     out, rest = multihost_utils.process_allgather((out, rest), tiled=True)

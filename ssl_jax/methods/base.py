@@ -22,7 +22,7 @@ features, running centers); the trainer keeps it in the one TrainState and check
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -321,6 +321,18 @@ class Method:
     batch_stats); rng drives dropout and drop path (a ViT's, drop_path_rate; None: the config's)."""
     return apply_train(self.evaluation_encoder(representation, drop_path_rate), variables["params"],
                        variables.get("batch_stats", {}), x, rng)
+
+  def initial_pass(self) -> Optional[Callable]:
+    """None, or fn(params, batch_stats, x [n, h, w, 3]) -> [n, d]: values this method needs of every
+    training image before its first step (InstDisc's memory bank written by the initial network), computed
+    once by train.run_initial_pass over the training split with the evaluation preprocessing; row i is
+    the example whose batch["index"] is i. They reach fill_state."""
+    return None
+
+  def fill_state(self, values) -> Mapping[str, Any]:
+    """The method_state entries (full global numpy arrays, each of its entry's shape) made from the
+    initial pass's values [num_train_examples, d]; the rest of method_state is kept."""
+    return {}
 
   def log_warnings(self, row) -> Sequence[str]:
     """Warnings about a logged metrics row (host side, one line each; DINO's collapse guard)."""

@@ -29,6 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ssl_jax import losses, parallel
@@ -46,6 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
       # The paper's proximal term lambda ||f_i - v_i||^2 (section 3.4); the official code has none.
       proximal_lambda=0.0,
       bank_sharding="replicated",  # or "sharded": each device holds a slice of the rows (NCE only)
+      # "random": lemniscate's uniform rows; "encoder": every row the initial network's feature of its
+      # un-augmented image, one inference pass before step 0 (not in the paper or its code; for short runs).
+      bank_init="random",
   ))
 
 # Bank rows are padded to a multiple of this, so that a sharded bank splits evenly over any mesh of up to
@@ -68,6 +72,8 @@ class InstDisc(base.Method):
     base.check_num_views(cfg, 1)
     if m.bank_sharding not in ("replicated", "sharded"):
       raise ConfigError(f"method.bank_sharding must be replicated or sharded, got {m.bank_sharding!r}")
+    if m.bank_init not in ("random", "encoder"):
+      raise ConfigError(f"method.bank_init must be random or encoder, got {m.bank_init!r}")
     if m.bank_sharding == "sharded" and not m.nce_k:
       raise ConfigError("method.bank_sharding=sharded needs NCE (nce_k > 0): the full softmax (nce_k 0) reads "
                         "every row on every device")
@@ -113,6 +119,26 @@ class InstDisc(base.Method):
     rows = -(-self.bank_size // BANK_ROW_MULTIPLE) * BANK_ROW_MULTIPLE
     bank = jax.random.uniform(rng_bank, (rows, d), minval=-stdv, maxval=stdv)
     return params, batch_stats, {"bank": bank, "z": jnp.full((), -1.0, jnp.float32)}
+
+  def initial_pass(self):
+    """bank_init="encoder": the initial network's L2-normalized feature of each training image."""
+    if self.config.method.bank_init != "encoder":
+      return None
+
+    def features(params, batch_stats, x):
+      parts = ("encoder", "projector")  # the train state's params also hold the online probe
+      variables = {"params": {k: params[k] for k in parts},
+                   "batch_stats": {k: batch_stats[k] for k in parts if k in batch_stats}}
+      _, z, _ = self.network.apply(variables, x, train=False)
+      return losses.l2_normalize(z.astype(jnp.float32))
+    return features
+
+  def fill_state(self, values):
+    """The bank with row i = values[i] (the padding rows, never read, zero)."""
+    rows = -(-self.bank_size // BANK_ROW_MULTIPLE) * BANK_ROW_MULTIPLE
+    bank = np.zeros((rows, self.config.method.feature_dim), np.float32)
+    bank[:self.bank_size] = values
+    return {"bank": bank}
 
   def negatives(self, rng, index):
     """[n, K + 1] bank rows compared with this device's n examples: K drawn uniformly with replacement for
