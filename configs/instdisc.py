@@ -23,7 +23,10 @@ Variants (combine a dataset variant with `tiny`):
   commented out, cifar.py l.51-54); kNN with k = 200 weighted by exp(s / 0.1). No CIFAR-10 figure of the
   paper is verified here (RECIPES.md):
       python -m ssl_jax.main --config=configs/instdisc.py:cifar10 --config.data_dir=DIR --workdir=W
-* `tiny` -- ResNet-18 at width 16, 64-d features (NCE: at most 1024 negatives), for CPU runs and tests.
+* `tiny` -- ResNet-18 at width 16, 64-d features (NCE: at most 1024 negatives), and the bank written by
+  the initial network's pass over the training images (method.bank_init=encoder, one inference pass
+  before step 0; not lemniscate's, whose random rows need tens of epochs of rewrites), for CPU runs and
+  tests.
 
 The ResNets are lemniscate's (torchvision's of 2018: no zero-init of the residual branches' last BN).
 Deviations: the augmentations run in this library's order (crop, flip, jitter, grayscale); lemniscate
