@@ -159,8 +159,9 @@ def test_eight_devices_equal_one_and_the_bank_takes_the_batch(nce_k):
   state0 = one[0]
   variables = {"params": {k: v for k, v in state0.params.items() if k != "online_probe"},
                "batch_stats": state0.batch_stats}
-  forward = jax.shard_map(lambda x: method.network.apply(variables, x, train=True, mutable=["batch_stats"])[0][1],
-                          mesh=parallel.make_mesh(jax.devices()[:1]), in_specs=P("data"), out_specs=P("data"))
+  forward = jax.jit(jax.shard_map(
+      lambda x: method.network.apply(variables, x, train=True, mutable=["batch_stats"])[0][1],
+      mesh=parallel.make_mesh(jax.devices()[:1]), in_specs=P("data"), out_specs=P("data")))
   f = _unit(np.asarray(forward(jnp.asarray(batches[0]["views"][0])), np.float64))
   np.testing.assert_allclose(banks[1][:16], _unit(0.5 * banks[0][:16] + 0.5 * f), atol=2e-5)
   zs = [float(s.method_state["z"]) for s in one]
@@ -314,7 +315,9 @@ def test_proximal_term_adds_lambda_times_the_squared_distance_to_the_bank():
       loss, out = method.loss(params, stats, state, b, jax.random.PRNGKey(1), 0)
       return parallel.mean(loss), out.embedding
 
-    losses_at[lam], f = jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"),), out_specs=(P(), P("data")))(batch)
+    # Under jit: one compilation, not one per eagerly dispatched op of the network.
+    losses_at[lam], f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"),),
+                                              out_specs=(P(), P("data"))))(batch)
   v = np.asarray(state["bank"])[np.asarray(batch["index"])]
   want = 3.0 * np.mean(np.sum((np.asarray(f) - v) ** 2, axis=-1))
   np.testing.assert_allclose(losses_at[3.0] - losses_at[0.0], want, rtol=1e-4)
