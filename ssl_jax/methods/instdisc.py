@@ -88,8 +88,7 @@ class InstDisc(base.Method):
   def apply_tiny(cls, cfg):
     cfg.method.feature_dim = min(cfg.method.feature_dim, 64)
     # Short CPU runs see each image a few times: lemniscate's random rows, rewritten once per epoch, leave
-    # every positive a random target for the whole first epoch (CIFAR-10, 766 steps at batch 128: kNN 23.1
-    # against 31.2 at random init; with the encoder's rows 36.3, benchmarks/cifar10_suite.py).
+    # every positive a random target for the whole first epoch (figures: docs/cifar10_suite.md).
     cfg.method.bank_init = "encoder"
     if cfg.method.nce_k:
       cfg.method.nce_k = min(cfg.method.nce_k, 1024)
