@@ -111,7 +111,7 @@ def optimizer_settings(**settings) -> Dict[str, Any]:
   """The optimizer keys optim.build reads, shared by pre-training (cfg.optimizer) and the image-level
   evaluation protocols (cfg.eval.<protocol>), with their defaults; `settings` override them.
 
-  weight_decay: coupled (added to the gradient) for sgd and lars, decoupled for adamw (AdamW, Loshchilov &
+  weight_decay: coupled (added to the gradient) for sgd, lars and adam, decoupled for adamw (AdamW, Loshchilov &
     Hutter 2019); weight_decay_schedule "constant", or "cosine" from weight_decay at step 0 to
     weight_decay_end (DINO: 0.04 -> 0.4, main_dino.py l.309-312 with utils.cosine_scheduler l.187-198).
   exclude_bias_and_norm: no weight decay or LARS trust ratio on parameters with at most one dimension

@@ -245,6 +245,10 @@ OPTIMIZERS.register("sgd")(Rule(_momentum, ("decay", "moments", "lr")))
 # Loshchilov & Hutter 2019, PyTorch's AdamW: Adam moments, then decoupled decay, then the rate.
 OPTIMIZERS.register("adamw")(Rule(lambda opt: optax.scale_by_adam(b1=opt.b1, b2=opt.b2),
                                   ("moments", "decay", "lr")))
+# PyTorch's Adam: the weight decay is an L2 term added to the gradient before the moments (coupled), as
+# lightly's CIFAR-10 SwAV benchmark trains it.
+OPTIMIZERS.register("adam")(Rule(lambda opt: optax.scale_by_adam(b1=opt.b1, b2=opt.b2),
+                                 ("decay", "moments", "lr")))
 
 
 def build(opt, params: Any, learning_rate: Schedule, *, batch_size: Optional[int] = None,
@@ -268,7 +272,8 @@ def build(opt, params: Any, learning_rate: Schedule, *, batch_size: Optional[int
            update is at most eta |w| / |g| x g, at most the plain rate); elsewhere g unchanged; momentum
            trace, x lr: PyTorch Lightning Bolts' LARS with clip_lars_lr (solo-learn's CIFAR recipes);
     sgd:   g + wd w (coupled), momentum trace (Nesterov optional; none at momentum 0), x lr (PyTorch SGD);
-    adamw: Adam moments, + wd w (decoupled), x lr (Loshchilov & Hutter 2019; PyTorch AdamW).
+    adamw: Adam moments, + wd w (decoupled), x lr (Loshchilov & Hutter 2019; PyTorch AdamW);
+    adam:  g + wd w (coupled), Adam moments, x lr (PyTorch Adam).
   Frozen parameters (step < frozen_until_step) get a zero update and keep their moments: PyTorch's
   grad = None (DINO utils.py l.144-149, SwAV main_swav.py l.325-328), not a zero gradient, which would
   still decay the weight and advance the moments. With no groups, clipping or weight-decay schedule the

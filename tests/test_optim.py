@@ -51,20 +51,23 @@ SCHEDULE = optim.warmup_cosine(0.1, 0, 10)
 
 
 def reference_chain(name, schedule, mask, weight_decay, momentum, nesterov):
-  """What optim built before parameter groups: optax's own lars, sgd and adamw with one decay mask."""
+  """What optim built before parameter groups: optax's own lars, sgd, adamw and adam (after the coupled
+  decay) with one decay mask."""
   if name == "lars":
     return optax.lars(schedule, weight_decay=weight_decay, weight_decay_mask=mask, trust_coefficient=1e-3,
                       eps=0.0, trust_ratio_mask=mask, momentum=momentum, nesterov=nesterov)
   if name == "sgd":
     return optax.chain(optax.add_decayed_weights(weight_decay, mask),
                        optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
+  if name == "adam":
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask), optax.adam(schedule, b1=0.9, b2=0.999))
   return optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=weight_decay, mask=mask)
 
 
 @pytest.mark.parametrize("name, weight_decay, exclude, momentum, nesterov", [
     ("lars", 1e-6, True, 0.9, False), ("lars", 1e-4, False, 0.9, True), ("sgd", 1e-4, False, 0.9, False),
     ("sgd", 1e-6, True, 0.9, True), ("sgd", 0.0, True, 0.0, False), ("adamw", 0.05, True, 0.9, False),
-    ("adamw", 0.1, False, 0.9, False)])
+    ("adamw", 0.1, False, 0.9, False), ("adam", 1e-6, False, 0.9, False)])
 def test_without_groups_the_updates_equal_optax_bit_for_bit(name, weight_decay, exclude, momentum, nesterov):
   """The existing configs (SimCLR/BYOL LARS, MoCo v2 SGD decaying everything, the Nesterov SGD of the
   evaluation protocols, AdamW) train exactly as with optax's chains."""
@@ -317,7 +320,7 @@ def test_clip_and_weight_decay_settings_are_checked():
   cfg.data_dir = "/nonexistent"
   for settings, message in [(dict(clip_per_param=3.0, clip_global_norm=1.0), "at most one of them"),
                             (dict(weight_decay_schedule="linear"), "weight_decay_schedule must be"),
-                            (dict(name="adam"), r"optimizer\.name must be adamw, lars, lars_clip, sgd, got .adam.")]:
+                            (dict(name="adagrad"), r"optimizer\.name must be adam, adamw, lars, lars_clip, sgd, got .adagrad.")]:
     c = cfg.copy_and_resolve_references()
     c.optimizer.update(**settings)
     with pytest.raises(config_lib.ConfigError, match=message):
