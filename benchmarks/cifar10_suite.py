@@ -1,7 +1,8 @@
 r"""Every method on CIFAR-10 at one shared budget: pre-training, then kNN and the fast linear probe of the
 SSL encoder beside the same encoder at random initialization (and raw pixels, once).
 
-What it measures, per method (configs/<name>.py:cifar10,tiny, every configs/*.py but quickstart.py):
+What it measures, per method (configs/<name>.py:cifar10,tiny, every configs/*.py but quickstart.py; DINO's
+row: configs/dino.py:cifar10_resnet_lightly,tiny, lightly's ResNet-18 recipe, see METHOD_VARIANTS):
   * pre-training: steps, images/s (median of the logged intervals of metrics.jsonl, without each run's
     first interval, which holds the compilation), wall time (train and evaluation seconds apart);
   * kNN top-1 (lightly's protocol, RECIPES.md section 12: k=200, T=0.1, cosine similarity) and the fast
@@ -20,7 +21,7 @@ batch 128). Fitted to the run's length: start-up transients last min(recipe, 1 e
 run) (the 10 warm-up epochs, where the recipe has a warm-up, SwAV's 2 epochs of frozen prototypes and
 DINO's 30 epochs of teacher-temperature warm-up would take most of 12 epochs), and later events come at
 the same fractions of the run as in the recipe (MoCo v1's decays at 60% and 80%, SwAV's queue start at
-5%); each method's record in --out lists these values. The ViT configs (MoCo v3, DINO) keep their
+5%); each method's record in --out lists these values. The ViT configs (MoCo v3, MAE) keep their
 variants' model (`tiny`: a 4-block ViT of width 64, patch 4) and ignore --width. Kept from the recipe:
 optimizer, learning rate and its scaling, weight decay, heads (the `tiny` sizes), losses, temperatures, EMA
 rates, augmentations, input normalization.
@@ -79,6 +80,10 @@ CALIBRATION_STEPS = 30          # a --minutes budget's speed measurement per met
 SUITE_FILE = "suite.json"       # per method workdir: the budget and the wall time spent so far
 RANDOM_INIT_FILE = "random_init.json"  # in --workdir: random-init figures by random_init_key
 PROTOCOLS = ("knn", "linear")
+# Rows that run another of their config's variants than --variants (override with --method_variants): DINO
+# runs lightly's ResNet-18 recipe, the run its reference columns measure; its ViT recipe (`cifar10,tiny`) does
+# not move in 6 minutes (docs/cifar10_suite.md).
+METHOD_VARIANTS = {"dino": "cifar10_resnet_lightly,tiny"}
 
 
 def available_methods():
@@ -100,7 +105,11 @@ def parse_args(argv=None):
   p.add_argument("--batch_size", type=int, default=128, help="global batch")
   p.add_argument("--width", type=int, default=16, help="ResNet-18 first-stage channels (64 = full width)")
   p.add_argument("--conv_impl", default=None, help="model.conv_impl; default: patches on CPU, xla elsewhere")
-  p.add_argument("--variants", default="cifar10,tiny", help="the config variants every method is built from")
+  p.add_argument("--variants", default="cifar10,tiny",
+                 help="the config variants every method is built from, but those of --method_variants")
+  p.add_argument("--method_variants", action="append", default=[], metavar="METHOD=VARIANTS",
+                 help="one method's variants instead of --variants (repeatable); default: " +
+                      " ".join(f"{k}={v}" for k, v in METHOD_VARIANTS.items()))
   p.add_argument("--workdir", default="workdirs/cifar10_suite", help="one subdirectory per method")
   p.add_argument("--out", default=None, help="results JSON; default: WORKDIR/results.json")
   p.add_argument("--knn_k", type=int, default=200, help="kNN neighbours (lightly: 200)")
@@ -110,6 +119,8 @@ def parse_args(argv=None):
                       "(repeatable; part of the budget a workdir holds)")
   args = p.parse_args(argv)
   args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  overrides = dict(item.partition("=")[::2] for item in args.method_variants)
+  args.method_variants = {**METHOD_VARIANTS, **{k.strip(): v.strip() for k, v in overrides.items()}}
   args.out = args.out or os.path.join(args.workdir, "results.json")
   return args
 
@@ -122,12 +133,23 @@ def data_name(data_dir: str) -> str:
   return "embedded" if path == os.path.realpath(EMBEDDED_DATA_DIR) else path
 
 
-def budget(args) -> dict:
-  """The settings a method's pre-training run is defined by: a workdir holds a run of exactly these."""
+def variants_of(args, name: str) -> str:
+  """The config variants method `name` is built from."""
+  return args.method_variants.get(name, args.variants)
+
+
+def budget(args, name: str | None = None) -> dict:
+  """The settings a method's pre-training run is defined by: a workdir holds a run of exactly these. Without
+  a name: the suite's (--out's), with every method's variants that differ from --variants."""
+  if name:
+    variants = {"variants": variants_of(args, name)}
+  else:
+    differ = {m: v for m, v in sorted(args.method_variants.items()) if v != args.variants}
+    variants = {"variants": args.variants, **({"method_variants": differ} if differ else {})}
   return {"dataset": "cifar10", "data": data_name(args.data_dir), "epochs": args.epochs,
           "total_steps": args.total_steps, "batch_size": args.batch_size, "width": args.width,
           **({"minutes": args.minutes} if args.minutes else {}),
-          "variants": args.variants, **({"settings": list(args.set)} if args.set else {})}
+          **variants, **({"settings": list(args.set)} if args.set else {})}
 
 
 def eval_settings(args) -> dict:
@@ -157,6 +179,9 @@ def input_error(args):
   unknown = [m for m in args.methods if m not in known]
   if unknown or not args.methods:
     return f"unknown method(s) {unknown or '(none given)'}; known: {', '.join(known)}"
+  bad = [m for m, v in args.method_variants.items() if m not in known or not v]
+  if bad:
+    return f"--method_variants takes METHOD=VARIANTS with a known method, e.g. dino=cifar10,tiny; got {bad}"
   if not os.path.isdir(args.data_dir):
     return f"--data_dir {args.data_dir} does not exist (a prepared TFDS directory holding cifar10)"
   if not os.path.isdir(os.path.join(args.data_dir, "cifar10")):
@@ -167,14 +192,15 @@ def input_error(args):
     return "pass --total_steps or --minutes, not both"
   if args.knn_k <= 0 or args.knn_temperature <= 0:
     return "--knn_k and --knn_temperature must be > 0"
-  for path, what in [(args.out, "--out")] + [(os.path.join(args.workdir, m, SUITE_FILE), f"{m}'s workdir")
-                                             for m in args.methods]:
+  for path, what, want in [(args.out, "--out", budget(args))] + [
+      (os.path.join(args.workdir, m, SUITE_FILE), f"{m}'s workdir", budget(args, m)) for m in args.methods]:
     try:
       saved = read_json(path).get("budget")
     except (OSError, ValueError) as e:
       return f"{path} cannot be read ({e}); remove it or pass another --workdir"
-    if saved is not None and saved != budget(args):
-      diff = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in budget(args).items() if saved.get(k) != v)
+    if saved is not None and saved != want:
+      diff = ", ".join(f"{k}: {saved.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(saved) | set(want))
+                       if saved.get(k) != want.get(k))
       return f"{what} ({path}) holds a run of another budget ({diff}); pass another --workdir / --out"
   return None
 
@@ -242,7 +268,7 @@ def method_config(name: str, args, num_train: int, conv_impl: str, total_steps: 
   """configs/<name>.py:<variants> with the shared budget (see the module docstring); total_steps (a
   --minutes budget's calibrated steps) replaces --total_steps."""
   from ssl_jax import config as config_lib
-  cfg = config_lib.load(f"{CONFIGS / name}.py:{args.variants}")
+  cfg = config_lib.load(f"{CONFIGS / name}.py:{variants_of(args, name)}")
   recipe_epochs = cfg.num_epochs
   total_steps = total_steps or args.total_steps
   run_epochs = total_steps * args.batch_size / num_train if total_steps else args.epochs
@@ -402,7 +428,7 @@ def run_method(name: str, args, results: dict, num_train: int, conv_impl: str, h
   workdir = os.path.join(args.workdir, name)
   suite_path = os.path.join(workdir, SUITE_FILE)
   os.makedirs(workdir, exist_ok=True)
-  update_json(suite_path, budget=budget(args))
+  update_json(suite_path, budget=budget(args, name))
   steps = calibrated_steps(name, args, num_train, conv_impl, workdir) if args.minutes else 0
   cfg = method_config(name, args, num_train, conv_impl, total_steps=steps)
   total = config_lib.resolve(cfg, num_train).total_steps
@@ -430,7 +456,8 @@ def run_method(name: str, args, results: dict, num_train: int, conv_impl: str, h
                              "normalize_inputs": bool(resolved.normalize_inputs)}
   suite = read_json(suite_path)
   results["methods"][name] = {
-      "config": f"configs/{name}.py:{args.variants}", "workdir": workdir, "steps": step, "total_steps": total,
+      "config": f"configs/{name}.py:{variants_of(args, name)}", "workdir": workdir, "steps": step,
+      "total_steps": total,
       "epochs": step * args.batch_size / num_train, "images_per_sec": images_per_sec(workdir),
       "train_seconds": suite.get("train_seconds", 0.0), "eval_seconds": suite["eval_seconds"],
       "knn": ssl["knn"], "linear": ssl["linear"], "random_init": random_init,

@@ -30,12 +30,18 @@ def _freeze_steps(settings: dict, steps_per_epoch: float) -> int:
   return settings.get("frozen_until_step", 0)
 
 
+# Every method's suite row, and the DINO ViT recipe the suite ran before its row took lightly's ResNet one.
+ROWS = [(m, ()) for m in suite.available_methods()] + [("dino", ("--method_variants", "dino=cifar10,tiny"))]
+
+
 @pytest.mark.parametrize("total_steps", [300, 4_687])
-@pytest.mark.parametrize("method", suite.available_methods())
-def test_start_up_transients_end_within_a_tenth_of_the_run(method, total_steps):
-  args = suite.parse_args(["--total_steps", str(total_steps), "--batch_size", str(BATCH), "--conv_impl", "xla"])
+@pytest.mark.parametrize("method,extra", ROWS)
+def test_start_up_transients_end_within_a_tenth_of_the_run(method, extra, total_steps):
+  args = suite.parse_args(["--total_steps", str(total_steps), "--batch_size", str(BATCH), "--conv_impl", "xla",
+                           *extra])
   cfg = suite.method_config(method, args, NUM_TRAIN, "xla")
-  recipe = config_lib.load(f"{REPO / 'configs' / method}.py:{args.variants}")
+  recipe = config_lib.load(f"{REPO / 'configs' / method}.py:{suite.variants_of(args, method)}")
+  assert [g[0] for g in cfg.optimizer.groups] == [g[0] for g in recipe.optimizer.groups]
   steps_per_epoch = NUM_TRAIN / BATCH
   tenth = max(1, round(min(1.0, total_steps / steps_per_epoch / 10) * steps_per_epoch))
   opt = cfg.optimizer
@@ -59,9 +65,9 @@ def test_start_up_transients_end_within_a_tenth_of_the_run(method, total_steps):
 
 def test_temporary_freezes_exist_to_be_fitted():
   """The check above is only as good as the configs it sees: SwAV and DINO do freeze a group for a while."""
-  args = suite.parse_args(["--total_steps", "300"])
+  args = suite.parse_args(["--total_steps", "300", "--method_variants", "dino=cifar10,tiny"])
   temporary = {m for m in ("swav", "dino")
-               for _, s in config_lib.load(f"{REPO / 'configs' / m}.py:{args.variants}").optimizer.groups
+               for _, s in config_lib.load(f"{REPO / 'configs' / m}.py:{suite.variants_of(args, m)}").optimizer.groups
                if 0 < _freeze_steps(s, NUM_TRAIN / BATCH) < config_lib.FROZEN_FOREVER}
   assert temporary == {"swav", "dino"}
 
@@ -97,3 +103,24 @@ def test_minutes_budget_fixes_each_methods_steps_once(tmp_path, monkeypatch):
 def test_minutes_and_total_steps_are_exclusive(tmp_path):
   args = suite.parse_args(["--minutes", "2", "--total_steps", "10", "--workdir", str(tmp_path)])
   assert "not both" in suite.input_error(args)
+
+
+def test_method_variants_pick_one_rows_recipe_and_belong_to_its_budget(tmp_path):
+  """DINO's row runs lightly's ResNet-18 recipe by default; --method_variants picks another, and a workdir
+  of the other recipe is refused rather than resumed."""
+  args = suite.parse_args(["--total_steps", "300", "--workdir", str(tmp_path)])
+  assert suite.variants_of(args, "dino") == "cifar10_resnet_lightly,tiny"
+  assert suite.variants_of(args, "simclr") == args.variants == "cifar10,tiny"
+  assert suite.method_config("dino", args, NUM_TRAIN, "xla").model.name == "resnet"
+  assert suite.budget(args, "simclr")["variants"] == "cifar10,tiny"
+  assert suite.budget(args)["method_variants"] == {"dino": "cifar10_resnet_lightly,tiny"}
+  vit = suite.parse_args(["--total_steps", "300", "--workdir", str(tmp_path), "--method_variants", "dino=cifar10,tiny"])
+  assert suite.method_config("dino", vit, NUM_TRAIN, "xla").model.name == "vit"
+  assert "method_variants" not in suite.budget(vit)
+  (tmp_path / "dino").mkdir()
+  suite.write_json(str(tmp_path / "dino" / suite.SUITE_FILE), {"budget": suite.budget(args, "dino")})
+  vit.methods, vit.data_dir = ["dino"], suite.parse_args([]).data_dir
+  assert "holds a run of another budget (variants: 'cifar10_resnet_lightly,tiny' -> 'cifar10,tiny')" in \
+      suite.input_error(vit)
+  bad = suite.parse_args(["--method_variants", "dinoo=cifar10,tiny"])
+  assert "--method_variants takes METHOD=VARIANTS" in suite.input_error(bad)

@@ -19,7 +19,8 @@ from ssl_jax.methods import base
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "quickstart")
 # Variants beyond imagenet / cifar10 whose settings differ enough to be checked on their own.
 EXTRA_VARIANTS = {"moco_v3": ("vit_base", "resnet50", "cifar10_resnet,tiny"),
-                  "dino": ("vit_small_800ep", "vit_base8", "resnet50", "cifar10_resnet,tiny"),
+                  "dino": ("vit_small_800ep", "vit_base8", "resnet50", "cifar10_resnet,tiny",
+                           "cifar10_resnet_lightly", "cifar10_resnet_lightly,tiny"),
                   "mae": ("vit_large", "vit_huge")}
 
 
@@ -127,3 +128,28 @@ def test_resnet_zero_init_residual_follows_the_recipe():
   zeros, ones = last_bn_scales(simclr), last_bn_scales(dino)
   assert len(zeros) == len(ones) == 8
   assert all(not np.any(s) for s in zeros) and all(np.all(s == 1.0) for s in ones)
+
+
+def test_dino_lightly_variant_is_lightlys_cifar10_benchmark():
+  """configs/dino.py:cifar10_resnet_lightly against lightly's cifar10_benchmark.py DINOModel (RECIPES.md section
+  12): SGD 0.06 x B/128 on every parameter, constant teacher momentum 0.99 and temperature 0.04, 2-layer BN
+  head, 2048 prototypes with their norm frozen and no last-layer freeze, two 0.4-1 crops, no local crops."""
+  cfg = config_lib.load(f"{REPO}/configs/dino.py:cifar10_resnet_lightly")
+  opt, m = cfg.optimizer, cfg.method
+  assert (cfg.batch_size, cfg.num_epochs, cfg.model.name, cfg.model.depth, cfg.model.cifar_stem) == \
+      (128, 200.0, "resnet", 18, True)
+  assert (opt.name, opt.momentum, opt.nesterov, opt.weight_decay, opt.exclude_bias_and_norm) == \
+      ("sgd", 0.9, False, 5e-4, False)
+  assert opt.base_learning_rate * cfg.batch_size / 256 == pytest.approx(0.06)
+  assert (opt.lr_scaling, opt.schedule, opt.warmup_epochs, opt.end_learning_rate, opt.clip_per_param) == \
+      ("linear", "cosine", 0.0, 0.0, 0.0)
+  assert opt.groups == ((r"projector/last_layer/g", {"frozen": True}),)
+  assert (m.out_dim, m.hidden_dim, m.bottleneck_dim, m.head_layers, m.use_bn_in_head, m.norm_last_layer) == \
+      (2048, 2048, 256, 2, True, True)
+  assert (m.student_temp, m.teacher_temp, m.warmup_teacher_temp, m.center_momentum) == (0.1, 0.04, 0.04, 0.9)
+  assert [(v.crop_size, tuple(v.crop_scale), v.num, v.blur_prob, v.solarize_prob) for v in cfg.views.values()] == \
+      [(32, (0.4, 1.0), 1, 0.0, 0.0), (32, (0.4, 1.0), 1, 0.0, 0.2)]
+  cfg.data_dir = "/data"
+  method = methods.get(config_lib.resolve(cfg, 50_000), methods.DataFacts(50_000, 128))
+  total = config_lib.resolve(cfg, 50_000).total_steps
+  assert [float(method.teacher_momentum(s)) for s in (0, total // 2, total)] == pytest.approx([0.99] * 3)

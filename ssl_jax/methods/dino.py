@@ -51,6 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
       use_bn_in_head=False,
       norm_last_layer=True,
       momentum_teacher=0.996,
+      momentum_teacher_end=1.0,       # the cosine's end (main_dino.py: 1; lightly's CIFAR-10 benchmark: 0.99, constant)
       student_temp=0.1,
       warmup_teacher_temp=0.04,
       teacher_temp=0.04,              # the code default; the published runs use 0.07 (the configs set it)
@@ -67,7 +68,7 @@ class DINO(base.Method):
   def check_config(cls, cfg):
     m = cfg.method
     base.check_positive(cfg, "student_temp", "teacher_temp", "warmup_teacher_temp")
-    base.check_fraction(cfg, "momentum_teacher", "center_momentum")
+    base.check_fraction(cfg, "momentum_teacher", "momentum_teacher_end", "center_momentum")
     if m.warmup_teacher_temp_epochs < 0 or int(m.warmup_teacher_temp_epochs) != m.warmup_teacher_temp_epochs:
       raise ConfigError(f"method.warmup_teacher_temp_epochs must be a whole number >= 0 (the schedule is per "
                         f"epoch), got {m.warmup_teacher_temp_epochs}")
@@ -93,7 +94,8 @@ class DINO(base.Method):
                          num_layers=m.head_layers, use_bn=m.use_bn_in_head, dtype=base.dtype_of(config),
                          bn_axis_name=parallel.DATA, bn_momentum=config.model.bn_momentum)
     self.network = base.Network(encoder=self.encoder, projector=self.head)
-    self.teacher_momentum = optim.cosine_increase(m.momentum_teacher, config.total_steps)
+    self.teacher_momentum = optim.cosine_increase(m.momentum_teacher, config.total_steps,
+                                                  final=m.momentum_teacher_end)
 
   def init(self, rng, batch):
     params, batch_stats = base.init_network(self.network, rng, batch["views"][0])
