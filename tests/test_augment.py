@@ -139,6 +139,23 @@ def test_blur_keeps_constant_and_smooths_noise():
   assert out.var() < 0.5 * (noise / 255.0).var()
 
 
+@pytest.mark.parametrize("height,width,radius", [(224, 224, 11), (96, 80, 4), (20, 24, 1), (7, 9, 3)])
+def test_blur_equals_a_direct_reflect_padded_convolution(height, width, radius):
+  """The two banded matrix products against float64 numpy: reflect padding (edge not repeated), the
+  normalized Gaussian, first along H then along W; radius 0 returns the image."""
+  x = np.random.default_rng(radius).uniform(size=(height, width, 3)).astype(np.float32)
+  for sigma in (0.1, 0.7, 2.0):
+    taps = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (taps / sigma) ** 2)
+    kernel /= kernel.sum()
+    padded = np.pad(x.astype(np.float64), ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
+    want = sum(kernel[t] * padded[t:t + height] for t in range(2 * radius + 1))
+    want = sum(kernel[t] * want[:, t:t + width] for t in range(2 * radius + 1))
+    got = augment.gaussian_blur(tf.constant(x), tf.constant(sigma, tf.float32), radius).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  assert np.array_equal(augment.gaussian_blur(tf.constant(x), 0.5, 0).numpy(), x)
+
+
 def test_blur_is_random_per_seed():
   noise = _image(64, 64)
   a = augment.view_transform(_identity(64, blur_prob=1.0), noise, _seed(0)).numpy()
