@@ -17,6 +17,8 @@ def xla_flags(devices: int) -> str:
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The library's setting (ssl_jax/__init__.py), whichever a test file imports first, tensorflow or ssl_jax.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 # One persistent XLA compilation cache for the whole test session, shared through the environment with
 # the subprocesses the tests start (ssl_jax.main, ssl_jax.evaluate, notebook kernels, multi-process runs):

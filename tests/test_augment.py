@@ -1,10 +1,15 @@
 """Tests of ssl_jax.data.augment on small synthetic images."""
 
+import os
+import subprocess
+import sys
+
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import REPO
 from ssl_jax.data import augment
 
 # A view that changes nothing when crop_size equals the input side; tests switch single ops on.
@@ -247,3 +252,17 @@ def test_tf_data_map_is_deterministic_and_matches_eager():
   eager = augment.multi_view_transform(views, images[3], seeds[3])
   for graph_view, eager_view in zip(first[3], eager):
     np.testing.assert_allclose(graph_view, eager_view.numpy(), atol=1e-6)
+
+
+def test_importing_tensorflow_before_ssl_jax_is_warned_about():
+  """ssl_jax turns TensorFlow's oneDNN kernels off (the same images on every CPU; they also ran the blur's
+  old depthwise form 7x faster, so the two settings are easy to mix up); imported after tensorflow it
+  cannot, and says so, unless the user chose TF_ENABLE_ONEDNN_OPTS."""
+  env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+
+  def stderr(code):
+    return subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=str(REPO)), capture_output=True,
+                          text=True, cwd=REPO).stderr
+
+  assert "tensorflow was imported before ssl_jax" in stderr("import tensorflow, ssl_jax")
+  assert "imported before" not in stderr("import ssl_jax, tensorflow")
