@@ -152,9 +152,10 @@ def test_eight_devices_equal_one_and_the_bank_takes_the_batch(nce_k):
     # Full softmax, second step: on some x86 hosts (the CI host of 2026-12-05, this one on 2026-12-06) one
     # channel of BasicBlock_5's first batch norm ends 1.6% apart (its 15 other channels 1e-10) and carries
     # the rest of the network up to 0.3% of the update, while a 1e-7 relative perturbation of the images
-    # moves nothing by more than 1e-8: most likely that channel's batch variance, E[x^2] - E[x]^2 (flax's
-    # fast form), cancelling in a sum taken in another order. A sharding error (a missing psum, per-device
-    # batch statistics) moves the parameters by the order of the whole update, which this still catches.
+    # moves nothing by more than 1e-8. Not explained: flax's two-pass batch variance leaves it unchanged; a
+    # ReLU input within rounding of 0 (a discrete jump in one channel) would fit, not checked. A sharding
+    # error (a missing psum, per-device batch statistics) moves the parameters by the order of the whole
+    # update, which this still catches.
     for (path, p8), p1, p0 in zip(jax.tree_util.tree_flatten_with_path(eight[-1].params)[0],
                                   jax.tree.leaves(one[-1].params), jax.tree.leaves(one[0].params)):
       update = np.abs(np.asarray(p1) - np.asarray(p0)).max()
