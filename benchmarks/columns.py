@@ -32,6 +32,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from ssl_jax import host_memory  # noqa: E402  (imports nothing heavy: no jax)
+
 READY_PREFIX, RESULT_PREFIX, PROGRESS_PREFIX = "READY ", "RESULT ", "PROGRESS "
 
 
@@ -112,10 +115,11 @@ def compile_jax_step(step_fn, state, batch):
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def _worker_command(script: str, argv, worker: str, extra=()):
+def _worker_command(script: str, argv, worker: str, extra=(), python: str = ""):
   """The command line of `script` (a benchmark's __file__) running column `worker` with the driver's own
-  flags, so that the worker sees the same sizes; `extra`: flags for the worker alone."""
-  return [sys.executable, str(pathlib.Path(script).resolve()), *argv, "--worker", worker, *extra]
+  flags, so that the worker sees the same sizes; `extra`: flags for the worker alone; `python`: the
+  interpreter (default: this one)."""
+  return [python or sys.executable, str(pathlib.Path(script).resolve()), *argv, "--worker", worker, *extra]
 
 
 def _relay(proc, prefix: str, tail: list):
@@ -148,9 +152,10 @@ class StepWorker:
   minutes, so only steps taken close together compare. Construction returns once the column is built;
   `setup` is then its READY dict, or None (with the reason printed) if it failed."""
 
-  def __init__(self, script: str, argv, worker: str, extra=()):
+  def __init__(self, script: str, argv, worker: str, extra=(), python: str = "", huge_pages: bool = False):
     self.worker, self.tail = worker, []
-    self.proc = subprocess.Popen(_worker_command(script, argv, worker, extra), stdin=subprocess.PIPE,
+    env = host_memory.with_huge_pages(os.environ) if huge_pages else None
+    self.proc = subprocess.Popen(_worker_command(script, argv, worker, extra, python), env=env, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.setup = _relay(self.proc, READY_PREFIX, self.tail)
     if self.setup is None:
@@ -184,15 +189,31 @@ def check_turns(args):
              f"{args.steps} and {args.warmup}")
 
 
+def add_torch_args(parser, install: str = "torch"):
+  """--no_torch and --torch_python: the PyTorch column's switches, shared by the step benchmarks."""
+  parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch column")
+  parser.add_argument("--huge_pages", default="jax", choices=("jax", "both", "none"),
+                      help="which columns run with glibc's huge-page tunable (ssl_jax.host_memory): ssl_jax's "
+                           "(as its entry points do; default), both, or none")
+  parser.add_argument("--torch_python", default="",
+                      help=f"a Python interpreter with torch ({install}) for the PyTorch column, e.g. a venv of its "
+                           "own (its column imports only torch and numpy); default: this one")
+
+
 def torch_wanted(args, install: str = "torch") -> bool:
   """Whether to run the PyTorch column: not with --no_torch, nor where torch is missing (the library does not
   need it; `install` is what to pip install); prints the skip line when not."""
-  has_torch = importlib.util.find_spec("torch") is not None
   if args.no_torch:
     print("PyTorch: skipped (--no_torch)")
-  elif not has_torch:
-    print(f"PyTorch: skipped: torch is not importable (pip install {install} to add this column)")
-  return has_torch and not args.no_torch
+    return False
+  if args.torch_python:
+    has_torch = subprocess.run([args.torch_python, "-c", "import torch, numpy"], capture_output=True).returncode == 0
+  else:
+    has_torch = importlib.util.find_spec("torch") is not None
+  if not has_torch:
+    print(f"PyTorch: skipped: torch is not importable by {args.torch_python or sys.executable} "
+          f"(pip install {install} to add this column, or name a Python that has it with --torch_python)")
+  return has_torch
 
 
 def take_turns(workers, args, label, per_round: list):

@@ -61,7 +61,7 @@ def parse_args(argv=None):
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores every column may use")
   p.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR), help="prepared TFDS dir with cifar10")
   p.add_argument("--pipeline_batches", type=int, default=20, help="timed input-pipeline batches")
-  p.add_argument("--no_torch", action="store_true", help="skip the PyTorch column")
+  columns.add_torch_args(p)
   p.add_argument("--breakdown", action="store_true",
                  help="also time each ResNet-18 convolution's forward, input and kernel gradient")
   p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one column in this process
@@ -316,7 +316,9 @@ def main(argv=None):
   workers = []
   for name in names:  # built one after another, so that no compilation overlaps a timed step
     print(f"{label(name)}: building and compiling", flush=True)
-    workers.append(columns.StepWorker(__file__, argv, name))
+    torch = name == "torch"
+    workers.append(columns.StepWorker(__file__, argv, name, python=args.torch_python if torch else "",
+                                      huge_pages=args.huge_pages == "both" if torch else args.huge_pages != "none"))
   per_round = []  # per round: {worker: {step_s, best_step_s, peak_rss_mib, and the worker's setup}}
   try:
     for _, r in columns.take_turns(workers, args, label, per_round):

@@ -74,7 +74,7 @@ def parse_args(argv=None):
   p.add_argument("--torch_attention", default="sdpa", choices=("sdpa", "explicit"),
                  help="the PyTorch column's attention: F.scaled_dot_product_attention (timm's default) or "
                       "softmax(q k^T) v written out as ssl_jax's is")
-  p.add_argument("--no_torch", action="store_true", help="skip the PyTorch column")
+  columns.add_torch_args(p, "torch==2.13.0")
   p.add_argument("--no_jax", action="store_true", help="skip the ssl_jax column")
   p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one column in this process
   p.add_argument("--spec", help=argparse.SUPPRESS)    # internal: the step's sizes, for the PyTorch column
@@ -383,7 +383,9 @@ def main(argv=None):
   workers = []
   for name in names:  # built one after another, so that no compilation overlaps another column's step
     print(f"{label[name]}: building, compiling, first step", flush=True)
-    w = columns.StepWorker(__file__, argv, name, ["--spec", json.dumps(spec)] if name == "torch" else [])
+    w = (columns.StepWorker(__file__, argv, name, ["--spec", json.dumps(spec)], python=args.torch_python,
+                            huge_pages=args.huge_pages == "both") if name == "torch"
+         else columns.StepWorker(__file__, argv, name, huge_pages=args.huge_pages != "none"))
     workers.append(w)
     if w.setup:
       s = w.setup

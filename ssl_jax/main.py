@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from ssl_jax import config as config_lib
 from ssl_jax import distributed
+from ssl_jax import host_memory
 from ssl_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py:<variant>", lock_config=True)
@@ -39,4 +40,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()  # XLA:CPU's step buffers on huge pages (CPU speed only)
   app.run(main, flags_parser=distributed.parse_flags_or_exit)

@@ -18,6 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ssl_jax import distributed
+from ssl_jax import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -101,4 +102,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()  # XLA:CPU's step buffers on huge pages (CPU speed only)
   app.run(main, flags_parser=distributed.parse_flags_or_exit)

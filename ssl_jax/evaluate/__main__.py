@@ -40,6 +40,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ssl_jax import distributed
+from ssl_jax import host_memory
 from ssl_jax.evaluate import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir holding config.json and checkpoints "
@@ -80,6 +81,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()  # XLA:CPU's step buffers on huge pages (CPU speed only)
   workdir = workdir_lib.flag_from_argv(sys.argv, "workdir")
   if not workdir:
     print("error: --workdir is required: a training workdir (holding config.json and checkpoints/), or with "

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ssl_jax.models import initializers
+from ssl_jax.models import initializers, layers
 
 
 class MLPHead(nn.Module):
@@ -95,7 +95,7 @@ class DINOHead(nn.Module):
       if self.use_bn:
         x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
                          dtype=self.dtype, axis_name=self.bn_axis_name if train else None)(x)
-      x = nn.gelu(x, approximate=False)
+      x = layers.gelu(x)
     x = dense(self.bottleneck_dim, self.num_layers - 1)(x)
     # F.normalize(x, dim=-1, p=2): x / max(|x|, 1e-12).
     x = x.astype(jnp.float32)

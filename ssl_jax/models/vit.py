@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssl_jax.errors import ConfigError
-from ssl_jax.models import initializers
+from ssl_jax.models import initializers, layers
 
 # (embed_dim, depth, num_heads); mlp_ratio 4 for all. DINO vision_transformer.py l.236-254 (tiny, small,
 # base), MoCo v3 vits.py l.115-118 (ViT-S with 12 heads: head dim 32), MAE models_mae.py l.231-244 (large,
@@ -202,7 +202,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     y = nn.Dense(self.hidden_dim, kernel_init=self.kernel_init, dtype=self.dtype, name="fc1")(x)
-    y = nn.gelu(y, approximate=False)  # PyTorch's nn.GELU default is the exact erf form
+    y = layers.gelu(y)  # PyTorch's nn.GELU default, the exact erf form
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     y = nn.Dense(x.shape[-1], kernel_init=self.kernel_init, dtype=self.dtype, name="fc2")(y)
     return nn.Dropout(self.dropout_rate)(y, deterministic=not train)
