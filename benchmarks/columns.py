@@ -190,7 +190,7 @@ def check_turns(args):
 
 
 def add_torch_args(parser, install: str = "torch"):
-  """--no_torch and --torch_python: the PyTorch column's switches, shared by the step benchmarks."""
+  """--no_torch, --huge_pages and --torch_python: the columns' switches, shared by the step benchmarks."""
   parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch column")
   parser.add_argument("--huge_pages", default="jax", choices=("jax", "both", "none"),
                       help="which columns run with glibc's huge-page tunable (ssl_jax.host_memory): ssl_jax's "
