@@ -207,7 +207,10 @@ def torch_wanted(args, install: str = "torch") -> bool:
     print("PyTorch: skipped (--no_torch)")
     return False
   if args.torch_python:
-    has_torch = subprocess.run([args.torch_python, "-c", "import torch, numpy"], capture_output=True).returncode == 0
+    try:
+      has_torch = subprocess.run([args.torch_python, "-c", "import torch, numpy"], capture_output=True).returncode == 0
+    except OSError:  # no such interpreter
+      has_torch = False
   else:
     has_torch = importlib.util.find_spec("torch") is not None
   if not has_torch:
