@@ -45,11 +45,27 @@ def run_step(cfg, mesh, batch_np):
 
 
 def assert_trees_close(a, b, rtol, atol):
-  flat_a, tree_a = jax.tree.flatten(a)
+  flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
   flat_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(flat_a, flat_b):
-    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol)
+  assert jax.tree.structure(a) == tree_b
+  for (path, x), y in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def without_key_bias(params):
+  """params with the key third of every attention qkv bias set to 0. Its gradient is 0 in exact arithmetic
+  (q . b_k is the same for every key, and a softmax is invariant to a constant), so what reaches AdamW is
+  rounding noise, which its normalization turns into steps of up to the learning rate whose sign depends on
+  the summation order (MAE's decoder key bias: up to 2.2e-6 apart between layouts after two steps)."""
+  def zero_keys(path, x):
+    x = np.asarray(x)
+    if jax.tree_util.keystr(path).endswith("['qkv']['bias']"):
+      x = x.copy()
+      third = x.shape[-1] // 3
+      x[..., third:2 * third] = 0
+    return x
+  return jax.tree_util.tree_map_with_path(zero_keys, params)
 
 
 @pytest.mark.parametrize("name", ["simclr", "byol", "simsiam", "barlow_twins", "vicreg"])
@@ -180,7 +196,7 @@ def test_fsdp_step_equals_replicated_step_and_checkpoints_cross_layouts(name, tm
   (rep, m_rep, rep_live, resolved), (fsdp, m_fsdp, fsdp_live, _) = results["replicated"], results["fsdp"]
   np.testing.assert_allclose(m_fsdp["loss"], m_rep["loss"], rtol=1e-5)
   np.testing.assert_allclose(m_fsdp["grad_norm"], m_rep["grad_norm"], rtol=1e-5)
-  assert_trees_close(fsdp.params, rep.params, rtol=1e-4, atol=1e-6)
+  assert_trees_close(without_key_bias(fsdp.params), without_key_bias(rep.params), rtol=1e-4, atol=1e-6)
   assert_trees_close(fsdp.opt_state, rep.opt_state, rtol=1e-4, atol=1e-6)
   assert_trees_close(fsdp.batch_stats, rep.batch_stats, rtol=1e-4, atol=1e-6)
   # Cross-layout restore: saved replicated -> restored into the FSDP layout, and back.
