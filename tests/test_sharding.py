@@ -47,7 +47,7 @@ def run_step(cfg, mesh, batch_np):
 def assert_trees_close(a, b, rtol, atol):
   flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
   flat_b, tree_b = jax.tree.flatten(b)
-  assert jax.tree.structure(a) == tree_b
+  assert tree_a == tree_b
   for (path, x), y in zip(flat_a, flat_b):
     np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol,
                                err_msg=jax.tree_util.keystr(path))
