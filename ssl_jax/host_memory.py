@@ -11,7 +11,8 @@ docs/cpu_step_benchmark.md).
 glibc reads tunables only when a process starts, so the entry points (`python -m ssl_jax.main`,
 `ssl_jax.quickstart`, `ssl_jax.evaluate`) restart themselves once with it set, before any work:
 `reexec_with_huge_pages()`; the step benchmarks start their ssl_jax workers with it (`with_huge_pages`).
-SSL_JAX_HUGE_PAGES=0 (what `make test` sets) leaves the process as it is. On a TPU or GPU host the device's memory is not malloc's, and this only concerns the host.
+SSL_JAX_HUGE_PAGES=0 (what `make test` sets) leaves the process as it is. On a TPU or GPU host the device's
+memory is not malloc's, and this only concerns the host.
 """
 
 from __future__ import annotations
