@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, killed_after
 from ssl_jax import config as config_lib
 from ssl_jax import losses, methods, optim, parallel, train
 from ssl_jax.data.datasets import EMBEDDED_DATA_DIR
@@ -250,11 +250,11 @@ def read_metrics(workdir):
 
 def test_tiny_config_trains_and_resumes_exactly(tmp_path):
   """cifar10,tiny (2 crops of 32, its frozen prototypes): a queue of 3 batches (64 prototypes = 16 + 48
-  examples) started at step 0 is full after step 3 and in use from step 4. A run stopped at step 3 resumes
-  to exactly the state of the uninterrupted run, queue included."""
+  examples) started at step 0 is full after step 3 and in use from step 4. A run killed after its step-3
+  checkpoint resumes to exactly the state of the uninterrupted run, queue included."""
   cfg = config_lib.load(f"{REPO}/configs/swav.py:cifar10,tiny")
   cfg.update(data_dir=EMBEDDED_DATA_DIR, batch_size=BATCH, total_steps=5, log_every_steps=1,
-             checkpoint_every_steps=2, shuffle_buffer=256)
+             checkpoint_every_steps=3, shuffle_buffer=256)
   cfg.model.width = 8
   cfg.method.update(queue_length=3 * BATCH, queue_start_epoch=0.0)
   whole = train.train(cfg, str(tmp_path / "whole"))
@@ -263,8 +263,7 @@ def test_tiny_config_trains_and_resumes_exactly(tmp_path):
   assert [r["queue_in_use"] for r in rows] == [0, 0, 0, 1, 1]
   assert all(np.isfinite(r["loss"]) for r in rows)
 
-  assert train.train(cfg, str(tmp_path / "resumed"), stop_at_step=3)["step"] == 3
-  second = train.train(cfg, str(tmp_path / "resumed"))
+  second = train.train(cfg, str(killed_after(tmp_path / "whole", 3, tmp_path / "resumed")))
   assert [(r["step"], r["total_loss"]) for r in read_metrics(tmp_path / "resumed")] == [
       (r["step"], r["total_loss"]) for r in rows]
   want, got = jax.device_get(whole["state"]), jax.device_get(second["state"])
