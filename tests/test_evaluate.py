@@ -161,8 +161,8 @@ def test_semi_supervised_protocol_writes_results(trained_workdir):
   assert "| simclr | 2 | semi | ssl |" in (trained_workdir / "eval" / "results.md").read_text()
 
 
-@pytest.mark.parametrize("case", ["missing_workdir", "no_config", "unknown_protocol", "missing_step",
-                                  "corrupt", "no_labels", "eval_batch"])
+@pytest.mark.parametrize("case", ["missing_workdir", "no_config", "unknown_protocol", "protocol_twice",
+                                  "missing_step", "corrupt", "no_labels", "eval_batch"])
 def test_evaluate_bad_input(case, trained_workdir, tmp_path):
   workdir = trained_workdir
   args = ["--protocol=knn"]
@@ -171,7 +171,9 @@ def test_evaluate_bad_input(case, trained_workdir, tmp_path):
   elif case == "no_config":
     workdir, message = tmp_path, "config.json not found"
   elif case == "unknown_protocol":
-    args, message = ["--protocol=svm"], "unknown protocol 'svm'"
+    args, message = ["--protocol=knn,svm"], "unknown protocol 'svm'"
+  elif case == "protocol_twice":
+    args, message = ["--protocol=knn,linear,knn"], "names a protocol twice"
   elif case == "missing_step":
     args, message = ["--protocol=knn", "--checkpoint=7"], "no checkpoint at step 7"
   elif case == "corrupt":
@@ -180,7 +182,8 @@ def test_evaluate_bad_input(case, trained_workdir, tmp_path):
     workdir, message = _corrupt(trained_workdir), "checkpoint step 2 in"
     args = ["--protocol=knn", "--checkpoint=2"]
   elif case == "eval_batch":
-    args, message = ["--protocol=finetune", "--config.eval.finetune.batch_size=12"], "is not divisible"
+    # Every protocol's input is checked before the first one runs: kNN writes nothing either.
+    args, message = ["--protocol=knn,finetune", "--config.eval.finetune.batch_size=12"], "is not divisible"
   else:
     no_labels = tmp_path / "tfds"
     shutil.copytree(EMBEDDED_DATA_DIR, no_labels)

@@ -111,28 +111,22 @@ def test_two_processes_stop_and_resume(runs):
   assert "resumed from step 2" in (runs / "resume_log").read_text()
 
 
-def test_knn_over_two_processes_equals_one_process(runs):
-  args = [f"--workdir={runs / 'one'}", "--protocol=knn", "--config.eval.baselines=False"]
-  run_single("ssl_jax.evaluate", args)
-  single = json.loads((runs / "one" / "eval" / "knn_4.json").read_text())
-  run_processes("ssl_jax.evaluate", args)
-  double = json.loads((runs / "one" / "eval" / "knn_4.json").read_text())
-  assert double["results"] == single["results"]
-  assert double["num_test"] == single["num_test"] == 1000
-
-
-def test_semi_supervised_over_two_processes_equals_one_process(runs):
-  """Fine-tuning on 10% of the labels (class-balanced subset, 2 input shards in both runs: the saved
-  config has data_shards=2), batch norm over the global batch, test batches padded and masked."""
-  args = [f"--workdir={runs / 'one'}", "--protocol=semi", "--config.eval.baselines=False",
+def test_knn_and_semi_supervised_over_two_processes_equal_one_process(runs):
+  """One launch of both protocols per side (--protocol=knn,semi). kNN: every test image once. Semi:
+  fine-tuning on 10% of the labels (class-balanced subset, 2 input shards in both runs: the saved config
+  has data_shards=2), batch norm over the global batch, test batches padded and masked."""
+  args = [f"--workdir={runs / 'one'}", "--protocol=knn,semi", "--config.eval.baselines=False",
           "--config.eval.semi.label_fractions=(0.1,)", "--config.eval.semi.epochs=(1.0,)",
           "--config.eval.semi.batch_size=32", "--config.eval.semi.total_steps=2"]
-  outs = []
+  knns, semis = [], []
   for launch in (run_single, run_processes):
-    shutil.rmtree(runs / "one" / "eval" / "checkpoints", ignore_errors=True)  # train afresh, no resume
+    shutil.rmtree(runs / "one" / "eval", ignore_errors=True)  # no earlier results; semi trains afresh
     launch("ssl_jax.evaluate", args)
-    outs.append(json.loads((runs / "one" / "eval" / "semi_4.json").read_text())["results"]["ssl"])
-  single, double = outs
+    knns.append(json.loads((runs / "one" / "eval" / "knn_4.json").read_text()))
+    semis.append(json.loads((runs / "one" / "eval" / "semi_4.json").read_text())["results"]["ssl"])
+  assert knns[1]["results"] == knns[0]["results"]
+  assert knns[1]["num_test"] == knns[0]["num_test"] == 1000
+  single, double = semis
   assert double["runs"][0]["num_labelled"] == single["runs"][0]["num_labelled"] == 400
   assert double["top1"] == single["top1"] and double["top5"] == single["top5"]
   np.testing.assert_allclose(double["runs"][0]["final_train_loss"], single["runs"][0]["final_train_loss"],

@@ -1,6 +1,9 @@
 """python -m ssl_jax.evaluate --workdir=DIR --protocol=knn|linear|finetune|semi [--checkpoint=latest|STEP]
 [--config.key=value ...]
 
+Several protocols run in one launch with --protocol=knn,linear,...: the checkpoint is restored and the
+devices set up once, and kNN and the fast linear probe share one feature extraction per encoder.
+
 The config is the one the run saved (DIR/config.json); --config.key=value overrides it, e.g.
 --config.data_dir=... when the data moved, or --config.eval.knn_k='(20,)'.
 
@@ -45,7 +48,8 @@ from ssl_jax.evaluate import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir holding config.json and checkpoints "
                                "(with --import: where the results are written)")
-_PROTOCOL = flags.DEFINE_string("protocol", "knn", f"one of {', '.join(workdir_lib.PROTOCOLS.names())}")
+_PROTOCOL = flags.DEFINE_string("protocol", "knn", f"one of {', '.join(workdir_lib.PROTOCOLS.names())}, or several "
+                                "separated by commas")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "'latest' or a step number")
 _IMPORT = flags.DEFINE_string("import", None, "a PyTorch weights file to evaluate instead of a checkpoint "
                               "(needs --import_format and --config)")
@@ -60,7 +64,7 @@ def main(argv):
   distributed.hold_library_logs()
   imported, cfg = None, flags.FLAGS.config
   with distributed.user_errors_exit(workdir=_WORKDIR.value):
-    workdir_lib.check_protocol(_PROTOCOL.value)
+    protocols = workdir_lib.parse_protocols(_PROTOCOL.value)
     if _IMPORT.value:
       if not _IMPORT_FORMAT.value:
         distributed.exit_with_error("--import needs --import_format (torchvision, timm, moco, mocov3, dino, mae "
@@ -73,11 +77,20 @@ def main(argv):
     elif _IMPORT_FORMAT.value:
       distributed.exit_with_error("--import_format is for --import=FILE")
     distributed.initialize_from_flags()
+    from ssl_jax import parallel
     from ssl_jax.evaluate import run  # TensorFlow, orbax: after the cheap checks
-    out = run.evaluate(_WORKDIR.value, _PROTOCOL.value, _CHECKPOINT.value, cfg=cfg, imported=imported)
-  for name, metrics in out["results"].items():
-    print(f"{name:12s} {out['protocol']} top-1 {100 * run.headline(out['protocol'], metrics):6.2f}%  "
-          + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    for protocol in protocols:  # every protocol's input, before the first one's work
+      run.check_inputs(_WORKDIR.value, protocol, cfg)
+    if not imported:
+      run.find_checkpoint(_WORKDIR.value, cfg, _CHECKPOINT.value)
+    # Cached features only serve a second protocol (at ImageNet scale a split's features are gigabytes).
+    encoder = run.Encoder(cfg, parallel.make_mesh(), cache_features=len(protocols) > 1)
+    outs = [run.evaluate(_WORKDIR.value, protocol, _CHECKPOINT.value, cfg=cfg, imported=imported, encoder=encoder)
+            for protocol in protocols]
+  for out in outs:
+    for name, metrics in out["results"].items():
+      print(f"{name:12s} {out['protocol']} top-1 {100 * run.headline(out['protocol'], metrics):6.2f}%  "
+            + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
 
 if __name__ == "__main__":

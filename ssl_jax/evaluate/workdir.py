@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import ml_collections
 from etils import epath
@@ -32,6 +32,16 @@ class EvalError(UserError, ValueError):
 def check_protocol(protocol: str) -> None:
   if protocol not in PROTOCOLS:
     raise EvalError(f"unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS.names())}")
+
+
+def parse_protocols(value: str) -> List[str]:
+  """The protocols of --protocol: one name, or several separated by commas (run in that order)."""
+  names = [name.strip() for name in value.split(",")]
+  for name in names:
+    check_protocol(name)
+  if len(set(names)) < len(names):
+    raise EvalError(f"--protocol={value} names a protocol twice")
+  return names
 
 
 def image_section(protocol: str, cfg) -> Optional[str]:
