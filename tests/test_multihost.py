@@ -13,15 +13,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, xla_flags
+from conftest import REPO, set_keys, xla_flags
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config as config_lib
 from ssl_jax import methods, optim, parallel, train
 from ssl_jax.data.datasets import EMBEDDED_DATA_DIR
+from ssl_jax.evaluate import run as eval_run
 
-TRAIN_ARGS = ["--config=configs/simclr.py:cifar10,tiny", f"--config.data_dir={EMBEDDED_DATA_DIR}",
-              "--config.batch_size=16", "--config.model.width=8", "--config.total_steps=4",
-              "--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--config.shuffle_buffer=256"]
+CONFIG = "configs/simclr.py:cifar10,tiny"
+OVERRIDES = {"data_dir": EMBEDDED_DATA_DIR, "batch_size": 16, "model.width": 8, "total_steps": 4, "log_every_steps": 1,
+             "checkpoint_every_steps": 2, "shuffle_buffer": 256}
+TRAIN_ARGS = [f"--config={CONFIG}"] + [f"--config.{key}={value}" for key, value in OVERRIDES.items()]
 TIMEOUT = 600
 
 
@@ -55,13 +57,6 @@ def run_processes(module, args, num_processes=2, devices=4, timeout=TIMEOUT):
   return outs
 
 
-def run_single(module, args, devices=8):
-  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_env(devices), text=True,
-                        capture_output=True, timeout=TIMEOUT)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
-
-
 def losses(workdir):
   return [(r["step"], r["total_loss"]) for r in
           map(json.loads, (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines())]
@@ -91,7 +86,9 @@ def runs(tmp_path_factory):
   outs = run_processes("ssl_jax.main", TRAIN_ARGS + [f"--workdir={root / 'two'}", "--config.sharding=fsdp",
                                                      "--config.fsdp_min_size=256"])
   root.joinpath("resume_log").write_text(outs[0][1])
-  run_single("ssl_jax.main", TRAIN_ARGS + [f"--workdir={root / 'one'}", "--config.data_shards=2"])
+  # The one-process run in this (8-device) process: the same train.train as `python -m ssl_jax.main`, without
+  # another interpreter's start-up.
+  train.train(set_keys(config_lib.load(f"{REPO}/{CONFIG}"), dict(OVERRIDES, data_shards=2)), str(root / "one"))
   return root
 
 
@@ -115,13 +112,23 @@ def test_knn_and_semi_supervised_over_two_processes_equal_one_process(runs):
   """One launch of both protocols per side (--protocol=knn,semi). kNN: every test image once. Semi:
   fine-tuning on 10% of the labels (class-balanced subset, 2 input shards in both runs: the saved config
   has data_shards=2), batch norm over the global batch, test batches padded and masked."""
-  args = [f"--workdir={runs / 'one'}", "--protocol=knn,semi", "--config.eval.baselines=False",
-          "--config.eval.semi.label_fractions=(0.1,)", "--config.eval.semi.epochs=(1.0,)",
-          "--config.eval.semi.batch_size=32", "--config.eval.semi.total_steps=2"]
+  settings = {"eval.baselines": False, "eval.semi.label_fractions": (0.1,), "eval.semi.epochs": (1.0,),
+              "eval.semi.batch_size": 32, "eval.semi.total_steps": 2}
+  workdir = str(runs / "one")
+
+  def one_process():  # in this 8-device process, as `python -m ssl_jax.evaluate` runs them
+    cfg = set_keys(eval_run.load_config(workdir), settings)
+    for protocol in ("knn", "semi"):
+      eval_run.evaluate(workdir, protocol, cfg=cfg)
+
+  def two_processes():
+    run_processes("ssl_jax.evaluate", [f"--workdir={workdir}", "--protocol=knn,semi"] +
+                  [f"--config.{key}={value}" for key, value in settings.items()])
+
   knns, semis = [], []
-  for launch in (run_single, run_processes):
+  for launch in (one_process, two_processes):
     shutil.rmtree(runs / "one" / "eval", ignore_errors=True)  # no earlier results; semi trains afresh
-    launch("ssl_jax.evaluate", args)
+    launch()
     knns.append(json.loads((runs / "one" / "eval" / "knn_4.json").read_text()))
     semis.append(json.loads((runs / "one" / "eval" / "semi_4.json").read_text())["results"]["ssl"])
   assert knns[1]["results"] == knns[0]["results"]
