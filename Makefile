@@ -19,7 +19,7 @@ quickstart: $(STAMP)
 # The whole test suite on 8 simulated CPU devices (README command 2; what CI runs). SSL_JAX_HUGE_PAGES=0: the
 # entry points the tests start do not restart themselves (ssl_jax/host_memory.py; tested on its own).
 test: $(STAMP)
-	SSL_JAX_HUGE_PAGES=0 $(PY) -m pytest -q -n 2 --dist loadfile tests
+	SSL_JAX_HUGE_PAGES=0 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/simclr_step.py
