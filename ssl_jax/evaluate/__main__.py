@@ -83,6 +83,7 @@ def main(argv):
       run.check_inputs(_WORKDIR.value, protocol, cfg)
     if not imported:
       run.find_checkpoint(_WORKDIR.value, cfg, _CHECKPOINT.value)
+    distributed.release_library_logs()  # the input is checked: the libraries may log again
     # Cached features only serve a second protocol (at ImageNet scale a split's features are gigabytes).
     encoder = run.Encoder(cfg, parallel.make_mesh(), cache_features=len(protocols) > 1)
     outs = [run.evaluate(_WORKDIR.value, protocol, _CHECKPOINT.value, cfg=cfg, imported=imported, encoder=encoder)
