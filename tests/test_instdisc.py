@@ -314,7 +314,7 @@ def test_bad_bank_settings_fail_in_one_line(change, devices, message):
 
 
 def test_proximal_term_adds_lambda_times_the_squared_distance_to_the_bank():
-  """The paper's proximal regularization (section 3.4), off in the recipes: the loss grows by
+  """The paper's proximal regularization (Eq. 9), off in the recipes: the loss grows by
   lambda * mean ||f_i - v_i||^2 with v_i the example's bank row."""
   cfg = config_lib.resolve(instdisc_config(nce_k=16), NUM_TRAIN)
   mesh = parallel.make_mesh(jax.devices()[:1])

@@ -44,7 +44,10 @@ def default_config() -> ml_collections.ConfigDict:
       nce_k=4096,            # negatives per example (--nce-k); 0: the full non-parametric softmax
       temperature=0.07,      # --nce-t
       bank_momentum=0.5,     # --nce-m: v <- normalize(m v + (1 - m) f)
-      # The paper's proximal term lambda ||f_i - v_i||^2 (section 3.4); the official code has none.
+      # The paper's proximal term lambda ||f_i - v_i||^2 (Eq. 9, "Proximal Regularization"), off as in the
+      # official code. The paper's text gives no value of lambda (the section and Figure 3's caption show
+      # only that it smooths training), and the first author calls the bank momentum above the code's
+      # equivalent of it, "more intuitive and easier to tune" (zhirongw/lemniscate.pytorch issue #11).
       proximal_lambda=0.0,
       bank_sharding="replicated",  # or "sharded": each device holds a slice of the rows (NCE only)
       # "random": lemniscate's uniform rows; "encoder": every row the initial network's feature of its
