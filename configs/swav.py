@@ -25,6 +25,10 @@ Variants (combine a dataset variant with `tiny`):
       python -m ssl_jax.main --config=configs/swav.py:cifar10 --config.data_dir=DIR --workdir=W
 * `tiny` -- ResNet-18 at width 16, a 256 -> 32 head, 64 prototypes and (where the recipe has one) a queue
   of 2 batches, for CPU runs and tests.
+* `hard` -- each code rounded to a one-hot (method.hard_codes), the official README's workaround for a run
+  whose loss sits at log(K) from the start ("Common Issues": "switch to hard assignment"); not a paper
+  row. `cifar10,tiny,hard` is benchmarks/cifar10_suite.py's SwAV: with soft codes the tiny model
+  collapses to uniform codes within its 6-minute budget (docs/cifar10_suite.md).
 
 Deviations from the official code:
 * LARS here is SimCLR's (optim.build): the trust ratio eta |w| / |g + wd w| scales the update before the
@@ -45,7 +49,7 @@ PROTOTYPES = r"prototypes/.*"
 
 
 def get_config(arg=None):
-  variants = config_lib.parse_variants(arg, known={"imagenet", "imagenet_bs256", "cifar10", "tiny"},
+  variants = config_lib.parse_variants(arg, known={"imagenet", "imagenet_bs256", "cifar10", "tiny", "hard"},
                                        default="cifar10")
   cfg = config_lib.base_config("swav")
   # src/multicropdataset.py l.37-51, 64-95: torchvision ColorJitter(0.8, 0.8, 0.8, 0.2) (multiplicative
@@ -95,4 +99,6 @@ def get_config(arg=None):
 
   if "tiny" in variants:
     config_lib.apply_tiny(cfg)
+  if "hard" in variants:
+    cfg.method.hard_codes = True
   return cfg

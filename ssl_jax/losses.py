@@ -251,7 +251,7 @@ def sinkhorn(scores, epsilon=0.05, iterations=3, global_sum=_local_sum):
 
 
 def swav_loss(crop_scores, queue_scores=None, crops_for_assign=(0, 1), temperature=0.1, epsilon=0.05,
-              sinkhorn_iterations=3, global_sum=_local_sum, return_codes=False):
+              sinkhorn_iterations=3, global_sum=_local_sum, return_codes=False, hard_codes=False):
   """SwAV's swapped prediction over multi-crop views (Caron et al. 2020, eq. 1-2), averaged as the
   official code (facebookresearch/swav main_swav.py l.289-315):
 
@@ -277,7 +277,11 @@ def swav_loss(crop_scores, queue_scores=None, crops_for_assign=(0, 1), temperatu
     temperature, epsilon, sinkhorn_iterations: SwAV's fixed values by default.
     global_sum: the identity on one device, `parallel.sum` under shard_map (Sinkhorn's global sums only;
       the loss itself is the mean over this device's examples, made global by the trainer's mean).
-    return_codes: also return the codes, one [n, K] array per assignment crop (for diagnostics).
+    return_codes: also return Sinkhorn's codes (before any rounding), one [n, K] array per assignment crop,
+      for diagnostics.
+    hard_codes: each example's code rounded to the one-hot of its largest entry, discrete codes (the
+      paper's method uses the continuous ones, section 3.1) and one of the workarounds in the official
+      README's "Common Issues" for a loss stuck at log(K), a collapse at the start.
   Returns: the scalar loss over this device's examples (and the codes with return_codes).
   """
   num_crops = len(crop_scores)
@@ -290,6 +294,8 @@ def swav_loss(crop_scores, queue_scores=None, crops_for_assign=(0, 1), temperatu
       scores = jnp.concatenate([queue_scores[i].astype(scores.dtype), scores])
     codes = sinkhorn(scores, epsilon, sinkhorn_iterations, global_sum)[-n:]
     all_codes.append(codes)
+    if hard_codes:
+      codes = jax.nn.one_hot(jnp.argmax(codes, axis=-1), codes.shape[-1], dtype=codes.dtype)
     cross_entropies = [-jnp.mean(jnp.sum(codes * log_probs[v], axis=-1)) for v in range(num_crops) if v != a]
     loss = loss + sum(cross_entropies) / (num_crops - 1)
   loss = loss / len(crops_for_assign)

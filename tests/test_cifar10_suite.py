@@ -106,17 +106,19 @@ def test_minutes_and_total_steps_are_exclusive(tmp_path):
 
 
 def test_method_variants_pick_one_rows_recipe_and_belong_to_its_budget(tmp_path):
-  """DINO's row runs lightly's ResNet-18 recipe by default; --method_variants picks another, and a workdir
-  of the other recipe is refused rather than resumed."""
+  """DINO's row runs lightly's ResNet-18 recipe and SwAV's its hard codes by default; --method_variants picks
+  another, and a workdir of the other recipe is refused rather than resumed."""
   args = suite.parse_args(["--total_steps", "300", "--workdir", str(tmp_path)])
   assert suite.variants_of(args, "dino") == "cifar10_resnet_lightly,tiny"
   assert suite.variants_of(args, "simclr") == args.variants == "cifar10,tiny"
   assert suite.method_config("dino", args, NUM_TRAIN, "xla").model.name == "resnet"
   assert suite.budget(args, "simclr")["variants"] == "cifar10,tiny"
-  assert suite.budget(args)["method_variants"] == {"dino": "cifar10_resnet_lightly,tiny"}
+  assert suite.variants_of(args, "swav") == "cifar10,tiny,hard"
+  assert suite.method_config("swav", args, NUM_TRAIN, "xla").method.hard_codes
+  assert suite.budget(args)["method_variants"] == {"dino": "cifar10_resnet_lightly,tiny", "swav": "cifar10,tiny,hard"}
   vit = suite.parse_args(["--total_steps", "300", "--workdir", str(tmp_path), "--method_variants", "dino=cifar10,tiny"])
   assert suite.method_config("dino", vit, NUM_TRAIN, "xla").model.name == "vit"
-  assert "method_variants" not in suite.budget(vit)
+  assert suite.budget(vit)["method_variants"] == {"swav": "cifar10,tiny,hard"}
   (tmp_path / "dino").mkdir()
   suite.write_json(str(tmp_path / "dino" / suite.SUITE_FILE), {"budget": suite.budget(args, "dino")})
   vit.methods, vit.data_dir = ["dino"], suite.parse_args([]).data_dir

@@ -187,13 +187,16 @@ def test_sinkhorn_codes():
   assert np.all(jax.grad(lambda s: jnp.sum(losses.sinkhorn(s) * s))(scores) == codes)
 
 
-@pytest.mark.parametrize("with_queue", [False, True])
-def test_swav_value_and_gradient(with_queue):
+@pytest.mark.parametrize("with_queue,hard", [(False, False), (True, False), (False, True), (True, True)])
+def test_swav_value_and_gradient(with_queue, hard):
+  """hard: each code replaced by the one-hot of its largest entry (configs/swav.py's `hard` variant)."""
   rng = np.random.default_rng(4)
   crop_scores = cosine_scores(rng, (4, 6))  # 2 global + 2 local crops, 6 examples, 5 prototypes
   queue = cosine_scores(rng, (2, 7)) if with_queue else None
   codes = swav_codes_numpy(crop_scores.astype(np.float64), queue)
-  loss_fn = lambda s: losses.swav_loss(list(s), None if queue is None else list(queue))
+  if hard:
+    codes = {a: np.eye(q.shape[1])[[int(np.argmax(row)) for row in q]] for a, q in codes.items()}
+  loss_fn = lambda s: losses.swav_loss(list(s), None if queue is None else list(queue), hard_codes=hard)
   np.testing.assert_allclose(loss_fn(crop_scores), swav_numpy(crop_scores, codes), rtol=1e-5)
   # Gradient with the codes held fixed (Sinkhorn runs without gradient).
   assert_grad_close(jax.grad(loss_fn)(crop_scores), numeric_grad(lambda s: swav_numpy(s, codes), crop_scores))

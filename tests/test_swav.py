@@ -231,8 +231,9 @@ def test_bad_settings_stop_in_one_line(overrides, message):
 
 
 def test_every_variant_validates():
-  for variant in ("imagenet", "imagenet_bs256", "cifar10", "cifar10,tiny", "imagenet_bs256,tiny"):
+  for variant in ("imagenet", "imagenet_bs256", "cifar10", "cifar10,tiny", "imagenet_bs256,tiny", "cifar10,tiny,hard"):
     cfg = config_lib.load(f"{REPO}/configs/swav.py:{variant}")
+    assert cfg.method.hard_codes == ("hard" in variant)
     cfg.data_dir = "/data"
     config_lib.validate(cfg, 8, 1, "cpu")
     groups = config_lib.optimizer_groups(cfg.optimizer.groups)

@@ -82,6 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
       # a multiple of batch_size. Started at this epoch (epoch_queue_starts, main_swav.py l.71, 225-231).
       queue_length=0,
       queue_start_epoch=15.0,
+      # Each example's code rounded to a one-hot (losses.swav_loss); off in every official recipe.
+      hard_codes=False,
   ))
 
 
@@ -195,7 +197,7 @@ class SwAV(base.Method):
       loss, codes = losses.swav_loss(crop_scores, queue_scores, crops_for_assign=self.crops_for_assign,
                                      temperature=m.temperature, epsilon=m.epsilon,
                                      sinkhorn_iterations=m.sinkhorn_iterations, global_sum=parallel.sum,
-                                     return_codes=True)
+                                     return_codes=True, hard_codes=m.hard_codes)
       return loss, _entropy(jnp.concatenate(codes))
 
     metrics, per_example = {}, {}
