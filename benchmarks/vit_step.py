@@ -11,9 +11,12 @@ Both columns count their parameters (they must be equal: the same work) and prin
 step on the same random views (not equal, the initializations differ; both near 2 x 2T log(batch) at
 initialization). Ends with a markdown table.
 
-The ssl_jax column is the library's own train step (train.build: resolve -> methods.get -> create_train_state
+The ssl_jax columns are the library's own train step (train.build: resolve -> methods.get -> create_train_state
 -> make_train_step -> jit_train_step on parallel.make_mesh()) fed one fixed batch of synthetic views: no
-input pipeline in the timed loop. The PyTorch column is the same computation written in PyTorch eager
+input pipeline in the timed loop. --steps_per_loop picks them: 1, one step per call; K > 1, the trainer's
+steps_per_loop=K (jit_train_loop: K steps per compiled call, as TPUEstimator's iterations_per_loop), timed
+per step. On CPU, K > 1 pays XLA's per-call temporary buffer (8.4 GB here, faulted in and zeroed afresh at
+every call) once per K steps. The PyTorch column is the same computation written in PyTorch eager
 (nn.Module ViT, F.scaled_dot_product_attention unless --torch_attention explicit, fused AdamW on the
 parameters that take gradients, the momentum EMA as one torch._foreach_lerp_ under no_grad).
 
@@ -23,7 +26,8 @@ speed of ssl_jax against PyTorch's: this machine's speed drifts between minutes,
 apart do not compare (and a process that sat idle faults its freed memory in again on its next step, which
 the untimed steps absorb).
 
-    python benchmarks/vit_step.py               # ViT-Ti/4, heads 4096, batch 256, 2 rounds of 1 + 2 steps
+    python benchmarks/vit_step.py               # ViT-Ti/4, heads 4096, batch 256, 2 rounds of 1 + 2 steps;
+                                                # ssl_jax with steps_per_loop 1 and 4
     python benchmarks/vit_step.py --rounds 4    # more alternations, a ratio per round
     python benchmarks/vit_step.py --batch_size 64 --heads_hidden 1024 --rounds 1   # quick (a few minutes)
 
@@ -71,6 +75,9 @@ def parse_args(argv=None):
                  help="turns each column takes, alternating (A B A B ...): the machine's speed drifts "
                       "between minutes, and a ratio within one round is the comparison that holds")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores every column may use")
+  p.add_argument("--steps_per_loop", default="1,4",
+                 help="comma-separated ssl_jax columns: the trainer's steps_per_loop K of each (K steps per "
+                      "compiled call, a lax.scan of the step; the time shown is per step)")
   p.add_argument("--torch_attention", default="sdpa", choices=("sdpa", "explicit"),
                  help="the PyTorch column's attention: F.scaled_dot_product_attention (timm's default) or "
                       "softmax(q k^T) v written out as ssl_jax's is")
@@ -128,21 +135,28 @@ def random_batch(batch_size: int, crop: int = 32, seed: int = 0):
 # ----------------------------------------------------------------------------------------------- ssl_jax
 
 
-def jax_column(args):
+def jax_column(args, steps_per_loop: int):
   import jax
   import numpy as np
 
   from ssl_jax import parallel, train
   mesh = parallel.make_mesh()
+  config = moco_v3_config(args)
+  config.update(steps_per_loop=steps_per_loop, log_every_steps=steps_per_loop, checkpoint_every_steps=steps_per_loop)
   start = time.perf_counter()
-  config, _, state, step_fn, _, _ = train.build(moco_v3_config(args), mesh, num_train_examples=NUM_TRAIN,
-                                                num_classes=NUM_CLASSES)
+  config, _, state, step_fn, loop_fn, _ = train.build(config, mesh, num_train_examples=NUM_TRAIN,
+                                                      num_classes=NUM_CLASSES)
   build_s = time.perf_counter() - start
   size = lambda tree: int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
   counts = {"online": size(state.params), "frozen": size(state.params["encoder"]["patch_embed"]),
             "momentum": size(state.method_state["target_params"]),
             "bn_statistics": size(state.batch_stats) + size(state.method_state["target_batch_stats"])}
-  batch = parallel.to_global(mesh, random_batch(args.batch_size))
+  batch = random_batch(args.batch_size)
+  if loop_fn is None:
+    batch = parallel.to_global(mesh, batch)
+  else:  # the same views every step of the loop: a stack of steps_per_loop copies
+    step_fn, batch = loop_fn, parallel.to_global(mesh, jax.tree.map(lambda x: np.stack([x] * steps_per_loop), batch),
+                                                 stacked=True)
   progress(f"built in {build_s:.1f} s; compiling")
   compiled_setup, compiled, run_step = columns.compile_jax_step(step_fn, state, batch)
   cost = compiled.cost_analysis()
@@ -152,10 +166,11 @@ def jax_column(args):
   progress(f"compiled in {compiled_setup['compile_s']:.1f} s; first step")
   start = time.perf_counter()
   metrics = run_step()
-  first_step_s = time.perf_counter() - start
-  setup = {"column": f"ssl_jax (jax {jax.__version__}, XLA:CPU)", "build_s": build_s, **compiled_setup,
-           "first_step_s": first_step_s, "first_loss": float(metrics["loss"]), "params": counts,
-           "xla_gflop": gflop, "devices": jax.device_count(), "total_steps": config.total_steps}
+  first_step_s = time.perf_counter() - start  # the first call: steps_per_loop steps
+  name = f"ssl_jax (jax {jax.__version__}, XLA:CPU" + (f", steps_per_loop={steps_per_loop})" if loop_fn else ")")
+  setup = {"column": name, "build_s": build_s, **compiled_setup, "first_step_s": first_step_s,
+           "first_loss": float(np.ravel(metrics["loss"])[0]), "params": counts, "xla_gflop": gflop / steps_per_loop,
+           "devices": jax.device_count(), "total_steps": config.total_steps, "steps_per_call": steps_per_loop}
   return setup, run_step
 
 
@@ -343,8 +358,8 @@ def torch_column(args, spec: dict):
 
 
 def run_worker(args):
-  if args.worker == "jax":
-    return columns.serve(*jax_column(args))
+  if args.worker.startswith("jax"):
+    return columns.serve(*jax_column(args, int(args.worker.partition(":")[2] or 1)))
   return columns.serve(*torch_column(args, json.loads(args.spec)))
 
 
@@ -360,6 +375,12 @@ def main(argv=None):
   if args.worker:
     return run_worker(args)
   columns.check_turns(args)
+  try:
+    loops = [int(k) for k in args.steps_per_loop.split(",")]
+  except ValueError:
+    loops = [0]
+  if not loops or min(loops) < 1 or len(set(loops)) < len(loops):
+    sys.exit(f"error: --steps_per_loop must be distinct integers >= 1 separated by commas, got {args.steps_per_loop!r}")
 
   from ssl_jax.errors import ConfigError
   try:
@@ -378,8 +399,10 @@ def main(argv=None):
     # per step as 1 thread did (every op waits at a barrier for the descheduled thread); XLA suffers less.
     print(f"warning: load average {load:.1f} before the run: other processes share these cores, which slows "
           f"both columns and PyTorch's (OpenMP) by far the most; the figures are not comparable", flush=True)
-  names = ([] if args.no_jax else ["jax"]) + (["torch"] if columns.torch_wanted(args, "torch==2.13.0") else [])
-  label = {"jax": "ssl_jax", "torch": "PyTorch"}
+  jax_names = [] if args.no_jax else ["jax" if k == 1 else f"jax:{k}" for k in loops]
+  names = jax_names + (["torch"] if columns.torch_wanted(args, "torch==2.13.0") else [])
+  label = {"jax": "ssl_jax", "torch": "PyTorch",
+           **{n: f"ssl_jax, steps_per_loop={n[4:]}" for n in jax_names if ":" in n}}
   workers = []
   for name in names:  # built one after another, so that no compilation overlaps another column's step
     print(f"{label[name]}: building, compiling, first step", flush=True)
@@ -397,11 +420,11 @@ def main(argv=None):
   if setups:
     print(f"first-step loss on the same views (two terms of 2T log(batch) each when the logits are uniform: "
           f"{expected:.4f}): " + ", ".join(f"{label[n]} {s['first_loss']:.4f}" for n, s in setups.items()))
-  if len(setups) == 2:
-    same = setups["jax"]["params"] == setups["torch"]["params"]
+  if len(setups) > 1:
+    same = len({json.dumps(s["params"], sort_keys=True) for s in setups.values()}) == 1
     print("parameter counts: " + ("equal" if same else "DIFFER: the columns do not do the same work: "
                                   + json.dumps({n: s["params"] for n, s in setups.items()})), flush=True)
-  gflop = setups.get("jax", {}).get("xla_gflop", 0.0)
+  gflop = next((s["xla_gflop"] for n, s in setups.items() if n.startswith("jax")), 0.0)
   if gflop:
     print(f"XLA's cost analysis of the step: {gflop:.0f} GFLOP", flush=True)
 
@@ -415,24 +438,28 @@ def main(argv=None):
         detail += f"; {gflop / r['step_s']:.1f} GFLOP/s"
       print(f"  {columns.speed(r)}; {detail}", flush=True)
       rnd = per_round[-1]
-      if w.worker == "torch" and "jax" in rnd:  # the round's last turn (torch's) with both columns in it
-        print(f"  round {len(per_round)}: ssl_jax at {100 * rnd['torch']['step_s'] / rnd['jax']['step_s']:.0f}% "
-              f"of PyTorch's speed", flush=True)
+      if w.worker == "torch":  # the round's last turn: each ssl_jax column of the round against it
+        for n in jax_names:
+          if n in rnd:
+            print(f"  round {len(per_round)}: {label[n]} at {100 * rnd['torch']['step_s'] / rnd[n]['step_s']:.0f}% "
+                  f"of PyTorch's speed", flush=True)
   finally:
     for w in workers:
       w.close()
 
   results = columns.median_rounds(names, per_round)
-  ratios = [rnd["torch"]["step_s"] / rnd["jax"]["step_s"] for rnd in per_round if {"jax", "torch"} <= set(rnd)]
-  if ratios:
-    print("ssl_jax speed / PyTorch's, per round: " + ", ".join(f"{100 * q:.0f}%" for q in ratios)
-          + f"; median {100 * statistics.median(ratios):.0f}%")
+  ratios = {n: [rnd["torch"]["step_s"] / rnd[n]["step_s"] for rnd in per_round if {n, "torch"} <= set(rnd)]
+            for n in jax_names}
+  ratios = {n: q for n, q in ratios.items() if q}
+  for n, q in ratios.items():
+    print(f"{label[n]} speed / PyTorch's, per round: " + ", ".join(f"{100 * x:.0f}%" for x in q)
+          + f"; median {100 * statistics.median(q):.0f}%")
 
   headings = (*columns.STEP_TABLE[:4], "first step (s)", *columns.STEP_TABLE[4:], "first-step loss")
   columns.print_table(results, args.batch_size, headings, lambda r: {"first step (s)": f"{r['first_step_s']:.1f}",
                                                                    "first-step loss": f"{r['first_loss']:.3f}"})
-  if ratios:
-    print("| ssl_jax / PyTorch, per round | " + ", ".join(f"{100 * q:.0f}%" for q in ratios) + " | | | | | | |")
+  for n, q in ratios.items():
+    print(f"| {label[n]} / PyTorch, per round | " + ", ".join(f"{100 * x:.0f}%" for x in q) + " | | | | | | |")
   print(f"\nMoCo v3 {args.arch}/{spec['patch_size']}, heads {spec['proj_hidden']}, {args.dtype}, global batch "
         f"{args.batch_size}, 32x32, {args.threads} CPU threads; median and best of {args.steps} steps after "
         f"{args.warmup} warm-up, {args.rounds} round(s); a busy machine shows as a gap between the two.")
