@@ -87,6 +87,19 @@ def serve(setup: dict, run_step, timing_line: str = "step {i}/{n}: {seconds:.2f}
     report({"times": times, "peak_rss_mib": peak_rss_mib()})
 
 
+def step_and_batch(mesh, step_fn, loop_fn, batch, steps_per_loop: int):
+  """The function a step column times and its global batch: the jitted step on `batch` (process-local numpy),
+  or, when train.build made a loop (loop_fn, steps_per_loop > 1), the loop on a stack of steps_per_loop
+  copies of it (the same batch every step of the loop)."""
+  import jax
+  import numpy as np
+
+  from ssl_jax import parallel
+  if loop_fn is None:
+    return step_fn, parallel.to_global(mesh, batch)
+  return loop_fn, parallel.to_global(mesh, jax.tree.map(lambda x: np.stack([x] * steps_per_loop), batch), stacked=True)
+
+
 def compile_jax_step(step_fn, state, batch):
   """Compiles an ssl_jax train step (step_fn, jitted) for `state` and `batch`. Returns the column's setup
   entries (compile_s, and xla_peak_mib and xla_temp_mib from XLA's memory analysis), the compiled step, and

@@ -92,7 +92,6 @@ def random_batch(batch_size: int, crop: int = 32, seed: int = 0):
 def jax_column(args, column: str):
   """column: "IMPL" or "IMPL:K" (model.conv_impl, steps_per_loop)."""
   import jax
-  import numpy as np
 
   from ssl_jax import parallel, train
   conv_impl, _, loop = column.partition(":")
@@ -103,12 +102,7 @@ def jax_column(args, column: str):
   config, method, state, step_fn, loop_fn, _ = train.build(config, mesh, num_train_examples=50_000,
                                                            num_classes=10)
   assert method.encoder.conv_impl == conv_impl, (method.encoder.conv_impl, conv_impl)
-  batch = random_batch(args.batch_size)
-  if loop_fn is None:
-    batch = parallel.to_global(mesh, batch)
-  else:  # the same batch every step of the loop: a stack of steps_per_loop copies
-    step_fn, batch = loop_fn, parallel.to_global(mesh, jax.tree.map(lambda x: np.stack([x] * steps_per_loop), batch),
-                                                 stacked=True)
+  step_fn, batch = columns.step_and_batch(mesh, step_fn, loop_fn, random_batch(args.batch_size), steps_per_loop)
   compiled_setup, _, run_step = columns.compile_jax_step(step_fn, state, batch)
   name = f"ssl_jax conv_impl={conv_impl}" + (f", steps_per_loop={steps_per_loop}" if steps_per_loop > 1 else "")
   return {"column": name, **compiled_setup, "steps_per_call": steps_per_loop, "devices": jax.device_count()}, run_step

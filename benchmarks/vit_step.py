@@ -151,12 +151,7 @@ def jax_column(args, steps_per_loop: int):
   counts = {"online": size(state.params), "frozen": size(state.params["encoder"]["patch_embed"]),
             "momentum": size(state.method_state["target_params"]),
             "bn_statistics": size(state.batch_stats) + size(state.method_state["target_batch_stats"])}
-  batch = random_batch(args.batch_size)
-  if loop_fn is None:
-    batch = parallel.to_global(mesh, batch)
-  else:  # the same views every step of the loop: a stack of steps_per_loop copies
-    step_fn, batch = loop_fn, parallel.to_global(mesh, jax.tree.map(lambda x: np.stack([x] * steps_per_loop), batch),
-                                                 stacked=True)
+  step_fn, batch = columns.step_and_batch(mesh, step_fn, loop_fn, random_batch(args.batch_size), steps_per_loop)
   progress(f"built in {build_s:.1f} s; compiling")
   compiled_setup, compiled, run_step = columns.compile_jax_step(step_fn, state, batch)
   cost = compiled.cost_analysis()
